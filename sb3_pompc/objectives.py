@@ -1,0 +1,202 @@
+"""The equations of PO-MPC, one function each (TD-MPC2 §3.3 and BMPC §3.4 of the spec, DESIGN §1).
+
+Shapes are time-major: T steps, B batch, A action dims. Values and losses of one sample are (…, 1).
+No SB3 plumbing here: the algorithm (``pompc.py``) decides what to feed and when to step which optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sb3_pompc.math import TwoHot, gaussian_kl
+from sb3_pompc.world_model import WorldModel
+
+__all__ = [
+    "rho_weights",
+    "time_weighted_mean",
+    "td_target",
+    "model_based_v_target",
+    "kl_value_target",
+    "ensemble_soft_ce_loss",
+    "world_model_loss",
+    "prior_loss",
+    "policy_loss",
+    "kl_coef_loss",
+]
+
+
+def rho_weights(T: int, rho: float, device: torch.device) -> torch.Tensor:
+    """``ρ^t`` for t = 0..T−1, shape (T, 1, 1)."""
+    return torch.pow(torch.full((T,), rho, device=device), torch.arange(T, device=device)).reshape(T, 1, 1)
+
+
+def time_weighted_mean(x: torch.Tensor, rho: float) -> torch.Tensor:
+    """``(1/T) Σ_t ρ^t · mean_b x_t`` for x of shape (T, B, 1)."""
+    T = x.shape[0]
+    return (rho_weights(T, rho, x.device) * x).mean(dim=(1, 2)).sum() / T
+
+
+def td_target(reward: torch.Tensor, terminated: torch.Tensor, next_value: torch.Tensor, gamma: float) -> torch.Tensor:
+    """TD-MPC2 critic target ``y_t = r_t + γ (1 − term_t) · Q̄(z'_t, a'_t)`` (term ≡ 0 for DMC; time-limit
+    truncations bootstrap)."""
+    return reward + gamma * (1.0 - terminated) * next_value
+
+
+@torch.no_grad()
+def model_based_v_target(model: WorldModel, z: torch.Tensor, gamma: float) -> torch.Tensor:
+    """BMPC's V target with td_horizon 1 from encoded real latents: ``a ~ π(z_t)``,
+    ``y_t = two_hot_inv(R(z_t, a)) + γ · V̄_avg(d(z_t, a))`` (the environment reward is not used).
+
+    :param z: (T, B, L) encoder latents of obs[0..H−1]
+    :return: (T, B, 1)
+    """
+    T, B, L = z.shape
+    zf = z.reshape(T * B, L)
+    a = model.pi(zf).action
+    r = model.two_hot.decode(model.reward_logits(zf, a))
+    v = model.critic_value(model.next(zf, a), reduce="avg", target=True)
+    return (r + gamma * v).reshape(T, B, 1)
+
+
+def kl_value_target(
+    reward: torch.Tensor,
+    terminated: torch.Tensor,
+    next_q_tilde: torch.Tensor,
+    next_kl: torch.Tensor,
+    kl_coef: torch.Tensor | float,
+    gamma: float,
+) -> torch.Tensor:
+    """KL-regularised critic target (DESIGN §1, ``kl_value=True``):
+    ``y_t = r_t + γ (1 − term_t) · (Q̃_targ(z'_t, a'_t) − λ · KL(π_s(·|z'_t) ‖ π_ref(·|z'_t)))``, ``a' ~ π_s(z')``."""
+    return reward + gamma * (1.0 - terminated) * (next_q_tilde - kl_coef * next_kl)
+
+
+def ensemble_soft_ce_loss(logits: torch.Tensor, target: torch.Tensor, two_hot: TwoHot, rho: float) -> torch.Tensor:
+    """``Σ_t Σ_q ρ^t · mean_b soft_ce(logits_{q,t}, y_t) / (T · num_q)``.
+
+    :param logits: (num_q, T, B, K); :param target: (T, B, 1)
+    """
+    num_q, T = logits.shape[0], logits.shape[1]
+    ce = two_hot.soft_ce(logits, target.unsqueeze(0).expand(num_q, *target.shape))  # (num_q, T, B, 1)
+    w = rho_weights(T, rho, logits.device)
+    return (w * ce).mean(dim=(2, 3)).sum() / (T * num_q)
+
+
+def world_model_loss(
+    model: WorldModel,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    terminated: torch.Tensor,
+    value_target: torch.Tensor,
+    next_z_target: torch.Tensor,
+    rho: float,
+    consistency_coef: float = 20.0,
+    reward_coef: float = 0.1,
+    value_coef: float = 0.1,
+    termination_coef: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """TD-MPC2 world-model loss on a latent rollout with buffer actions:
+
+    ``ẑ_0 = enc(o_0)``, ``ẑ_{t+1} = d(ẑ_t, a_t)``;
+    ``consistency = Σ_t ρ^t MSE(ẑ_{t+1}, sg(z'_t)) / H``; ``reward = Σ_t ρ^t CE(R(ẑ_t, a_t), r_t) / H``;
+    ``value = Σ_t Σ_q ρ^t CE(Q_q(ẑ_t, a_t), y_t) / (H·num_q)`` (V critic: ``V_q(ẑ_t)``);
+    ``termination = BCE(T(ẑ_{t+1}), term_t)`` averaged over t (episodic only);
+    ``total = 20·consistency + 0.1·reward + 0.1·value (+ 1·termination)``.
+
+    :param obs: (H+1, B, obs_dim); :param actions: (H, B, A); :param rewards, terminated: (H, B, 1)
+    :param value_target: (H, B, 1) critic targets; :param next_z_target: (H, B, L) encoder latents of obs[1..H]
+    :return: total loss, the parts (detached), and the latents ẑ_0..ẑ_H (H+1, B, L) with grad
+    """
+    H, B, _ = actions.shape
+    z = model.encode(obs[0])
+    zs = [z]
+    consistency = obs.new_zeros(())
+    for t in range(H):
+        z = model.next(z, actions[t])
+        consistency = consistency + rho**t * F.mse_loss(z, next_z_target[t])
+        zs.append(z)
+    zs_t = torch.stack(zs)  # (H+1, B, L)
+    z_flat = zs_t[:-1].reshape(H * B, -1)
+    a_flat = actions.reshape(H * B, -1)
+    reward_logits = model.reward_logits(z_flat, a_flat).reshape(H, B, -1)
+    w = rho_weights(H, rho, obs.device)
+    reward_loss = (w * model.two_hot.soft_ce(reward_logits, rewards)).mean(dim=(1, 2)).sum() / H
+    q_logits = model.critic_logits(z_flat, a_flat if model.critic_type == "q" else None)
+    value_loss = ensemble_soft_ce_loss(q_logits.reshape(model.num_q, H, B, -1), value_target, model.two_hot, rho)
+    consistency = consistency / H
+    total = consistency_coef * consistency + reward_coef * reward_loss + value_coef * value_loss
+    parts = {"consistency_loss": consistency, "reward_loss": reward_loss, "value_loss": value_loss}
+    if model.termination is not None:
+        term_logits = model.termination_logits(zs_t[1:].reshape(H * B, -1)).reshape(H, B, 1)
+        term_loss = F.binary_cross_entropy_with_logits(term_logits, terminated)
+        total = total + termination_coef * term_loss
+        parts["termination_loss"] = term_loss
+    parts = {k: v.detach() for k, v in parts.items()}
+    return total, parts, zs_t
+
+
+def prior_loss(
+    prior_mean: torch.Tensor,
+    prior_std: torch.Tensor,
+    plan_mean: torch.Tensor,
+    plan_std: torch.Tensor,
+    direction: str,
+    rho: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of the intermediate prior π_p fitted to the buffer's planner stats π^P:
+
+    forward ``L_p = (1/T) Σ_t ρ^t mean_b KL(π^P_t ‖ π_p(·|z_t))`` (mode covering) or
+    reverse ``L_p = (1/T) Σ_t ρ^t mean_b KL(π_p(·|z_t) ‖ π^P_t)`` (mode seeking).
+
+    :return: (loss, per-sample KL of shape (T, B, 1))
+    """
+    if direction == "forward":
+        kl = gaussian_kl(plan_mean, plan_std, prior_mean, prior_std)
+    elif direction == "reverse":
+        kl = gaussian_kl(prior_mean, prior_std, plan_mean, plan_std)
+    else:
+        raise ValueError(f"prior direction must be 'forward' or 'reverse', got {direction!r}")
+    return time_weighted_mean(kl, rho), kl
+
+
+def policy_loss(
+    q: Optional[torch.Tensor],
+    kl: Optional[torch.Tensor],
+    scaled_entropy: torch.Tensor,
+    kl_coef: torch.Tensor | float,
+    rho: float,
+    entropy_coef: float = 1e-4,
+    q_scale: torch.Tensor | float = 1.0,
+    kl_scale: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """PO-MPC sampling-policy loss with KL strength λ (DESIGN §1):
+
+    finite λ: ``L_π = (1/T) Σ_t ρ^t mean_b [ −Q̂(ẑ_t, a_t)/S_Q + λ·KL(π_s ‖ π_ref)_t − β·H_t ]``
+    (λ = 0 is TD-MPC2's update, with no KL needed);
+    λ = ∞:   ``L_π = (1/T) Σ_t ρ^t mean_b [ KL_t / S_KL − β·H_t ]`` (BMPC's update, return term dropped).
+
+    ``a_t ~ π_s`` reparameterised; ``H_t`` = scaled entropy; β = entropy_coef. All inputs (T, B, 1).
+    """
+    infinite = isinstance(kl_coef, float) and math.isinf(kl_coef)
+    if infinite:
+        if kl is None:
+            raise ValueError("policy_loss with kl_coef=inf needs the KL term")
+        per_sample = kl / kl_scale - entropy_coef * scaled_entropy
+    else:
+        if q is None:
+            raise ValueError("policy_loss with a finite kl_coef needs Q values")
+        per_sample = -q / q_scale - entropy_coef * scaled_entropy
+        if kl is not None:
+            per_sample = per_sample + kl_coef * kl
+    return time_weighted_mean(per_sample, rho)
+
+
+def kl_coef_loss(log_kl_coef: torch.Tensor, kl: torch.Tensor, target_kl: float) -> torch.Tensor:
+    """Dual descent on λ toward a target KL (as SAC's entropy coefficient):
+    ``L_λ = −log λ · (mean KL − KL_target)`` with the KL detached, so λ grows while KL > target."""
+    return -(log_kl_coef * (kl.detach().mean() - target_kl))

@@ -1,0 +1,177 @@
+"""POMPC policy: the world model, the MPPI planner and the optimisers, behind SB3's ``BasePolicy`` API.
+
+``predict(obs, state, episode_start, deterministic)`` follows SB3's recurrent convention: ``state`` is the
+planner's warm-start mean per env (n_envs, H, A), so ``evaluate_policy`` and user loops work unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+
+from sb3_pompc.math import RunningScale
+from sb3_pompc.planner import MPPIPlanner, PlannerNoise, PlanResult
+from sb3_pompc.world_model import WorldModel
+
+__all__ = ["POMPCPolicy", "MlpPolicy"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class POMPCPolicy(BasePolicy):
+    """World model + MPPI planner + optimisers of PO-MPC.
+
+    :param observation_space: flat Box observation space
+    :param action_space: Box action space
+    :param lr_schedule: learning-rate schedule (constant in TD-MPC2)
+    :param model_kwargs: keyword arguments of :class:`~sb3_pompc.world_model.WorldModel`
+    :param planner_kwargs: keyword arguments of :class:`~sb3_pompc.planner.MPPIPlanner`
+    :param enc_lr_scale: encoder learning-rate multiplier (0.3)
+    :param scale_tau: running-scale smoothing (0.01)
+    :param planner_dtype: "float32" or "bfloat16" (autocast while planning; LayerNorm, softmax, two-hot
+        expectations and MPPI statistics stay in fp32)
+    :param normalize_images: unused (image observations are not supported)
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        model_kwargs: Optional[dict[str, Any]] = None,
+        planner_kwargs: Optional[dict[str, Any]] = None,
+        enc_lr_scale: float = 0.3,
+        scale_tau: float = 0.01,
+        planner_dtype: str = "float32",
+        normalize_images: bool = False,
+    ) -> None:
+        super().__init__(observation_space, action_space, squash_output=True, normalize_images=False)
+        if planner_dtype not in _DTYPES:
+            raise ValueError(f"planner_dtype must be one of {sorted(_DTYPES)}, got {planner_dtype!r}")
+        self.model_kwargs = dict(model_kwargs or {})
+        self.planner_kwargs = dict(planner_kwargs or {})
+        self.enc_lr_scale = enc_lr_scale
+        self.scale_tau = scale_tau
+        self.planner_dtype = planner_dtype
+        obs_dim = int(np.prod(observation_space.shape))
+        act_dim = int(np.prod(action_space.shape))
+        self.model = WorldModel(obs_dim, act_dim, **self.model_kwargs)
+        self.planner = MPPIPlanner(**self.planner_kwargs)
+        self.q_scale = RunningScale(scale_tau)
+        self.kl_scale = RunningScale(scale_tau)
+        self._build(lr_schedule)
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        lr = lr_schedule(1)
+        groups = self.model.model_parameter_groups(lr, self.enc_lr_scale)
+        groups[0]["lr_scale"], groups[1]["lr_scale"] = self.enc_lr_scale, 1.0
+        self.optimizer = torch.optim.Adam(groups, lr=lr)
+        self.pi_optimizer = torch.optim.Adam(self.model.pi.parameters(), lr=lr, eps=1e-5)
+        self.prior_optimizer = (
+            torch.optim.Adam(self.model.prior.parameters(), lr=lr, eps=1e-5) if self.model.prior is not None else None
+        )
+        self.kl_critic_optimizer = (
+            torch.optim.Adam(self.model.kl_critic.parameters(), lr=lr) if self.model.kl_critic is not None else None
+        )
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimiser of the policy (for learning-rate updates and saving)."""
+        opts = [self.optimizer, self.pi_optimizer, self.prior_optimizer, self.kl_critic_optimizer]
+        return [o for o in opts if o is not None]
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            model_kwargs=self.model_kwargs,
+            planner_kwargs=self.planner_kwargs,
+            enc_lr_scale=self.enc_lr_scale,
+            scale_tau=self.scale_tau,
+            planner_dtype=self.planner_dtype,
+            lr_schedule=self._dummy_schedule,  # type: ignore[attr-defined]
+        )
+        return data
+
+    def _autocast(self):
+        dtype = _DTYPES[self.planner_dtype]
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def obs_to_flat_tensor(self, observation: np.ndarray) -> tuple[torch.Tensor, bool]:
+        """Observation(s) → float tensor (n, obs_dim) on the policy's device, and whether the input was batched."""
+        obs_tensor, vectorized = self.obs_to_tensor(observation)
+        assert isinstance(obs_tensor, torch.Tensor)
+        return obs_tensor.float().reshape(obs_tensor.shape[0], -1), vectorized
+
+    @torch.no_grad()
+    def plan(
+        self,
+        obs: torch.Tensor,
+        warm_mean: Optional[torch.Tensor] = None,
+        deterministic: bool = False,
+        noise: Optional[PlannerNoise] = None,
+        planner: Optional[MPPIPlanner] = None,
+        pi_log_std_bounds: Optional[tuple[float, float]] = None,
+    ) -> PlanResult:
+        """Plan for a batch of flat observations (n, obs_dim) in one call. See :meth:`MPPIPlanner.plan`."""
+        planner = self.planner if planner is None else planner
+        with self._autocast():
+            z = self.model.encode(obs)
+            return planner.plan(self.model, z, warm_mean, deterministic, noise, pi_log_std_bounds)
+
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> torch.Tensor:
+        return self._predict(obs, deterministic)
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> torch.Tensor:
+        """Plan without warm start (SB3's stateless path); prefer :meth:`predict` with ``state``."""
+        assert isinstance(observation, torch.Tensor)
+        return self.plan(observation.float().reshape(observation.shape[0], -1), None, deterministic).action
+
+    def warm_start(self, state: Optional[np.ndarray], episode_start: Optional[np.ndarray], n: int) -> Optional[torch.Tensor]:
+        """Planner state (n, H, A) → tensor with the rows of starting episodes zeroed (None = no warm start)."""
+        if state is None:
+            return None
+        state = np.asarray(state, dtype=np.float32)
+        H, A = self.planner.horizon, self.model.action_dim
+        if state.shape != (n, H, A):
+            raise ValueError(f"state must be the planner mean of shape (n_envs, horizon, action_dim) = {(n, H, A)}, got {state.shape}")
+        if episode_start is not None:
+            state = state * (1.0 - np.asarray(episode_start, dtype=np.float32).reshape(n, 1, 1))
+        return torch.as_tensor(state, device=self.device)
+
+    def predict(
+        self,
+        observation: Union[np.ndarray, dict[str, np.ndarray]],
+        state: Optional[tuple[np.ndarray, ...]] = None,
+        episode_start: Optional[np.ndarray] = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Plan an action per observation.
+
+        :param observation: one observation or a batch (n_envs, ...)
+        :param state: the previous call's returned state (the planner's MPPI mean per env), or None
+        :param episode_start: (n_envs,) True where an episode starts (its warm start is dropped)
+        :param deterministic: no exploration noise on the executed action
+        :return: actions in the env's bounds, and the new state (n_envs, H, A)
+        """
+        self.set_training_mode(False)
+        obs, vectorized = self.obs_to_flat_tensor(observation)  # type: ignore[arg-type]
+        if not bool(torch.isfinite(obs).all()):
+            raise ValueError("predict got a non-finite observation (NaN or inf); the planner needs finite inputs")
+        n = obs.shape[0]
+        warm = self.warm_start(state, episode_start, n)  # type: ignore[arg-type]
+        result = self.plan(obs, warm, deterministic)
+        actions = result.action.cpu().numpy().reshape((-1, *self.action_space.shape))  # type: ignore[misc]
+        actions = self.unscale_action(actions)
+        if not vectorized:
+            actions = actions.squeeze(axis=0)
+        return actions, result.mean.cpu().numpy()
+
+
+MlpPolicy = POMPCPolicy

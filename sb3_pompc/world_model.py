@@ -1,0 +1,412 @@
+"""TD-MPC2 world model: encoder, latent dynamics, reward, termination, critic ensemble, policy heads.
+
+Architecture exactly as the spec (§1): ``NormedLinear = Linear → Dropout → LayerNorm → Mish``, SimNorm latents,
+two-hot heads with 101 bins, trunc-normal(0.02) init with zeroed last layers of reward and critic. The critic
+ensemble is ONE module with stacked weights: one batched matmul per layer for all heads.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sb3_pompc.math import SimNorm, TwoHot, gaussian_log_prob, scaled_entropy
+
+__all__ = [
+    "MODEL_SIZES",
+    "model_size_config",
+    "NormedLinear",
+    "mlp",
+    "EnsembleMLP",
+    "PolicyHead",
+    "PolicyOutput",
+    "WorldModel",
+]
+
+# model_size -> architecture (spec §1.5). num_q is set by the preset only for sizes 1 and 317.
+MODEL_SIZES: dict[int, dict[str, int]] = {
+    1: dict(enc_dim=256, mlp_dim=384, latent_dim=128, num_enc_layers=2, num_q=2),
+    5: dict(enc_dim=256, mlp_dim=512, latent_dim=512, num_enc_layers=2),
+    19: dict(enc_dim=1024, mlp_dim=1024, latent_dim=768, num_enc_layers=3),
+    48: dict(enc_dim=1792, mlp_dim=1792, latent_dim=768, num_enc_layers=4),
+    317: dict(enc_dim=4096, mlp_dim=4096, latent_dim=1376, num_enc_layers=5, num_q=8),
+}
+
+
+def model_size_config(model_size: int) -> dict[str, int]:
+    """Architecture of a model-size preset (1, 5, 19, 48 or 317 million parameters)."""
+    if model_size not in MODEL_SIZES:
+        raise ValueError(f"model_size must be one of {sorted(MODEL_SIZES)}, got {model_size!r}")
+    return dict(MODEL_SIZES[model_size])
+
+
+class NormedLinear(nn.Linear):
+    """``Linear(in, out) → Dropout(p) (only if p > 0) → LayerNorm(out) → act`` (default act Mish).
+
+    :param in_features: input size
+    :param out_features: output size
+    :param dropout: dropout probability after the linear layer
+    :param act: activation module (Mish by default)
+    """
+
+    def __init__(self, in_features: int, out_features: int, dropout: float = 0.0, act: Optional[nn.Module] = None):
+        super().__init__(in_features, out_features)
+        self.ln = nn.LayerNorm(out_features)
+        self.act = nn.Mish() if act is None else act
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.act(self.ln(x))
+
+
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: Optional[nn.Module] = None, dropout: float = 0.0):
+    """``NormedLinear(in, h1, dropout) → NormedLinear(h1, h2) → … → last``; the last layer is a plain Linear when
+    ``act`` is None, else ``NormedLinear(h_last, out, act=act)``. Dropout only in the first layer."""
+    dims = [in_dim, *hidden]
+    layers: list[nn.Module] = [
+        NormedLinear(dims[i], dims[i + 1], dropout=dropout if i == 0 else 0.0) for i in range(len(dims) - 1)
+    ]
+    layers.append(nn.Linear(dims[-1], out_dim) if act is None else NormedLinear(dims[-1], out_dim, act=act))
+    return nn.Sequential(*layers)
+
+
+def _trunc_normal_init(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+class EnsembleMLP(nn.Module):
+    """``num`` independent MLP heads with stacked weights (one batched matmul per layer for all heads).
+
+    Each head is ``NormedLinear(in, h1, dropout) → NormedLinear(h1, h2) → Linear(h2, out)``. Selecting heads
+    (e.g. 2 random of 5) indexes the stacked weights, so only the selected heads are computed.
+
+    :param num: number of heads
+    :param in_dim: input size
+    :param hidden: hidden sizes
+    :param out_dim: output size (K logits)
+    :param dropout: dropout after the first linear layer (each head draws its own mask)
+    :param init: "trunc_normal" (TD-MPC2 HEAD) or "default" (PyTorch Linear init, BMPC's effective init)
+    """
+
+    def __init__(
+        self, num: int, in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float = 0.0, init: str = "trunc_normal"
+    ) -> None:
+        super().__init__()
+        if init not in ("trunc_normal", "default"):
+            raise ValueError(f"critic init must be 'trunc_normal' or 'default', got {init!r}")
+        self.num = num
+        self.dropout = dropout
+        dims = [in_dim, *hidden, out_dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.ln_weights = nn.ParameterList()
+        self.ln_biases = nn.ParameterList()
+        for i in range(len(dims) - 1):
+            w = torch.empty(num, dims[i], dims[i + 1])
+            b = torch.zeros(num, 1, dims[i + 1])
+            for h in range(num):
+                if init == "trunc_normal":
+                    nn.init.trunc_normal_(w[h], std=0.02)
+                else:  # nn.Linear default: U(±1/sqrt(fan_in)) for weight and bias
+                    bound = 1.0 / dims[i] ** 0.5
+                    nn.init.uniform_(w[h], -bound, bound)
+                    nn.init.uniform_(b[h], -bound, bound)
+            if i == len(dims) - 2:
+                w.zero_()  # zero-init of the last layer's weight
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(b))
+            if i < len(dims) - 2:
+                self.ln_weights.append(nn.Parameter(torch.ones(num, 1, dims[i + 1])))
+                self.ln_biases.append(nn.Parameter(torch.zeros(num, 1, dims[i + 1])))
+
+    def forward(self, x: torch.Tensor, heads: Optional[torch.Tensor] = None, detach: bool = False) -> torch.Tensor:
+        """:param x: (N, in) input shared by all heads
+        :param heads: indices of the heads to evaluate (None = all)
+        :param detach: use detached parameters (gradient flows only into ``x``)
+        :return: (num_heads, N, out)"""
+        n_layers = len(self.weights)
+        h = x
+        for i in range(n_layers):
+            w, b = self.weights[i], self.biases[i]
+            if heads is not None:
+                w, b = w[heads], b[heads]
+            if detach:
+                w, b = w.detach(), b.detach()
+            if i == 0:
+                # input shared by all heads: ONE GEMM (N, in) @ (in, E*out)
+                e, d_in, d_out = w.shape
+                h = (h @ w.permute(1, 0, 2).reshape(d_in, e * d_out)).reshape(-1, e, d_out).transpose(0, 1) + b
+            else:
+                h = torch.baddbmm(b, h, w)
+            if i < n_layers - 1:
+                if self.dropout > 0 and i == 0 and self.training:
+                    h = F.dropout(h, self.dropout, training=True)
+                g, beta = self.ln_weights[i], self.ln_biases[i]
+                if heads is not None:
+                    g, beta = g[heads], beta[heads]
+                if detach:
+                    g, beta = g.detach(), beta.detach()
+                h = F.mish(torch.addcmul(beta, F.layer_norm(h, h.shape[-1:]), g))
+        return h
+
+
+class PolicyOutput(NamedTuple):
+    """A reparameterised sample of a Gaussian policy head and its statistics (all (..., A) or (..., 1))."""
+
+    action: torch.Tensor
+    mean: torch.Tensor  # tanh(mu_raw): the Gaussian on the action box used in every KL
+    std: torch.Tensor
+    log_std: torch.Tensor
+    log_prob: torch.Tensor
+    scaled_entropy: torch.Tensor
+
+
+class PolicyHead(nn.Module):
+    """Gaussian policy ``π(z) = mlp(L, [mlp, mlp], 2A)`` split into ``(μ_raw, s_raw)``;
+    ``log σ = lo + ½ (hi − lo)(tanh(s_raw) + 1)``.
+
+    ``squash="tanh"`` (TD-MPC2): ``a = tanh(μ_raw + σε)``, log-prob with the tanh Jacobian.
+    ``squash="clamp"`` (BMPC): ``a = clamp(tanh(μ_raw) + σε, −1, 1)``, no Jacobian.
+    In every KL the head is represented by ``N(tanh(μ_raw), σ²)``.
+
+    :param latent_dim: latent size L
+    :param mlp_dim: hidden size
+    :param action_dim: action size A
+    :param log_std_min: lower log σ bound
+    :param log_std_max: upper log σ bound
+    :param squash: "tanh" or "clamp"
+    """
+
+    def __init__(
+        self, latent_dim: int, mlp_dim: int, action_dim: int, log_std_min: float, log_std_max: float, squash: str
+    ) -> None:
+        super().__init__()
+        if squash not in ("tanh", "clamp"):
+            raise ValueError(f"policy squash must be 'tanh' or 'clamp', got {squash!r}")
+        self.net = mlp(latent_dim, [mlp_dim, mlp_dim], 2 * action_dim)
+        self.action_dim = action_dim
+        self.log_std_min = float(log_std_min)
+        self.log_std_max = float(log_std_max)
+        self.squash = squash
+
+    def gaussian(self, z: torch.Tensor, log_std_bounds: Optional[tuple[float, float]] = None):
+        """:return: (mean = tanh(μ_raw), std, log_std, μ_raw)"""
+        mu_raw, s_raw = self.net(z).chunk(2, dim=-1)
+        lo, hi = log_std_bounds if log_std_bounds is not None else (self.log_std_min, self.log_std_max)
+        log_std = lo + 0.5 * (hi - lo) * (torch.tanh(s_raw) + 1.0)
+        return torch.tanh(mu_raw), log_std.exp(), log_std, mu_raw
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        eps: Optional[torch.Tensor] = None,
+        log_std_bounds: Optional[tuple[float, float]] = None,
+    ) -> PolicyOutput:
+        """Reparameterised sample. ``eps`` ~ N(0, I) may be given (planner noise drawn up front)."""
+        mean, std, log_std, mu_raw = self.gaussian(z, log_std_bounds)
+        if eps is None:
+            eps = torch.randn_like(mean)
+        lp_g = gaussian_log_prob(eps, log_std)
+        if self.squash == "tanh":
+            action = torch.tanh(mu_raw + std * eps)
+            lp = lp_g - torch.log(F.relu(1.0 - action.square()) + 1e-6).sum(-1, keepdim=True)
+        else:
+            action = torch.clamp(mean + std * eps, -1.0, 1.0)
+            lp = lp_g
+        return PolicyOutput(action, mean, std, log_std, lp, scaled_entropy(lp, lp_g, self.action_dim))
+
+
+class WorldModel(nn.Module):
+    """TD-MPC2 world model with PO-MPC's extra heads.
+
+    :param obs_dim: flat observation size
+    :param action_dim: action size A
+    :param latent_dim: latent size L (multiple of ``simnorm_dim``)
+    :param enc_dim: encoder hidden size
+    :param mlp_dim: hidden size of dynamics, reward, critic and policy heads
+    :param num_enc_layers: encoder layers (hidden layers = max(num_enc_layers − 1, 1))
+    :param num_q: critic ensemble size
+    :param critic: "q" (Q(z, a), TD-MPC2) or "v" (V(z), BMPC)
+    :param simnorm_dim: SimNorm group size
+    :param num_bins: two-hot bins K
+    :param vmin: lowest bin (symlog space)
+    :param vmax: highest bin (symlog space)
+    :param dropout: critic dropout (first layer)
+    :param episodic: build a termination head
+    :param policy_squash: "tanh" or "clamp"
+    :param log_std_min: policy log σ lower bound
+    :param log_std_max: policy log σ upper bound
+    :param learned_prior: build the prior policy head π_p (same architecture as π_s)
+    :param kl_value: build the KL-regularised critic Q̃ and its target
+    :param critic_init: "trunc_normal" or "default" (see :class:`EnsembleMLP`)
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        latent_dim: int = 512,
+        enc_dim: int = 256,
+        mlp_dim: int = 512,
+        num_enc_layers: int = 2,
+        num_q: int = 5,
+        critic: str = "q",
+        simnorm_dim: int = 8,
+        num_bins: int = 101,
+        vmin: float = -10.0,
+        vmax: float = 10.0,
+        dropout: float = 0.01,
+        episodic: bool = False,
+        policy_squash: str = "tanh",
+        log_std_min: float = -10.0,
+        log_std_max: float = 2.0,
+        learned_prior: bool = False,
+        kl_value: bool = False,
+        critic_init: str = "trunc_normal",
+    ) -> None:
+        super().__init__()
+        if critic not in ("q", "v"):
+            raise ValueError(f"critic must be 'q' or 'v', got {critic!r}")
+        if num_q < 2:
+            raise ValueError(f"num_q must be >= 2 (two random heads are drawn), got {num_q}")
+        if latent_dim % simnorm_dim != 0:
+            raise ValueError(f"latent_dim {latent_dim} must be a multiple of simnorm_dim {simnorm_dim}")
+        self.obs_dim, self.action_dim, self.latent_dim = obs_dim, action_dim, latent_dim
+        self.num_q, self.critic_type, self.episodic = num_q, critic, episodic
+        L, A, M = latent_dim, action_dim, mlp_dim
+        self.encoder = mlp(obs_dim, max(num_enc_layers - 1, 1) * [enc_dim], L, act=SimNorm(simnorm_dim))
+        self.dynamics = mlp(L + A, [M, M], L, act=SimNorm(simnorm_dim))
+        self.reward = mlp(L + A, [M, M], num_bins)
+        self.termination = mlp(L, [M, M], 1) if episodic else None
+        self.pi = PolicyHead(L, M, A, log_std_min, log_std_max, policy_squash)
+        self.prior = PolicyHead(L, M, A, log_std_min, log_std_max, policy_squash) if learned_prior else None
+        self.apply(_trunc_normal_init)
+        nn.init.zeros_(self.reward[-1].weight)
+        critic_in = L + A if critic == "q" else L
+        self.critic = EnsembleMLP(num_q, critic_in, [M, M], num_bins, dropout, init=critic_init)
+        self.critic_target = self._frozen_copy(self.critic)
+        if kl_value:
+            self.kl_critic = EnsembleMLP(num_q, L + A, [M, M], num_bins, dropout, init=critic_init)
+            self.kl_critic_target = self._frozen_copy(self.kl_critic)
+        else:
+            self.kl_critic = self.kl_critic_target = None
+        self.two_hot = TwoHot(num_bins, vmin, vmax)
+
+    @staticmethod
+    def _frozen_copy(module: nn.Module) -> nn.Module:
+        target = copy.deepcopy(module)
+        target.requires_grad_(False)
+        target.eval()
+        return target
+
+    def train(self, mode: bool = True) -> "WorldModel":
+        super().train(mode)
+        for target in (self.critic_target, self.kl_critic_target):
+            if target is not None:
+                target.eval()  # target critics never use dropout
+        return self
+
+    # ---- core model ------------------------------------------------------------------------------------------
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.encoder(obs)
+
+    def next(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self.dynamics(torch.cat([z, a], dim=-1))
+
+    def reward_logits(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self.reward(torch.cat([z, a], dim=-1))
+
+    def termination_logits(self, z: torch.Tensor) -> torch.Tensor:
+        assert self.termination is not None
+        return self.termination(z)
+
+    def random_heads(self, device: torch.device, num: Optional[int] = None, k: int = 2) -> torch.Tensor:
+        """``k`` distinct random head indices (one randperm per call, shared over the batch)."""
+        num = self.num_q if num is None else num
+        return torch.randperm(num, device=device)[:k]
+
+    # ---- critics ---------------------------------------------------------------------------------------------
+    def critic_logits(
+        self,
+        z: torch.Tensor,
+        a: Optional[torch.Tensor] = None,
+        heads: Optional[torch.Tensor] = None,
+        target: bool = False,
+        detach: bool = False,
+        kl: bool = False,
+    ) -> torch.Tensor:
+        """Logits of the selected heads, (num_heads, N, K). Q critics take concat[z, a]; the V critic takes z.
+
+        :param kl: use the KL-regularised critic Q̃ instead of the ordinary critic
+        """
+        if kl:
+            net = self.kl_critic_target if target else self.kl_critic
+            x = torch.cat([z, a], dim=-1)
+        else:
+            net = self.critic_target if target else self.critic
+            x = torch.cat([z, a], dim=-1) if self.critic_type == "q" else z
+        return net(x, heads=heads, detach=detach)
+
+    def critic_value(
+        self,
+        z: torch.Tensor,
+        a: Optional[torch.Tensor] = None,
+        reduce: str = "avg",
+        target: bool = False,
+        detach: bool = False,
+        kl: bool = False,
+        heads: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Scalar value from 2 random heads reduced by "min" or "avg" (spec §1.2), shape (N, 1)."""
+        if heads is None:
+            heads = self.random_heads(z.device)
+        values = self.two_hot.decode(self.critic_logits(z, a, heads, target, detach, kl))
+        return values.min(0).values if reduce == "min" else values.mean(0)
+
+    def soft_update_targets(self, tau: float) -> None:
+        """``θ̄ ← θ̄ + τ (θ − θ̄)`` on the critic ensembles (the only target networks)."""
+        with torch.no_grad():
+            pairs = [(self.critic_target, self.critic)]
+            if self.kl_critic is not None:
+                pairs.append((self.kl_critic_target, self.kl_critic))
+            for target, online in pairs:
+                torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
+    # ---- parameter groups --------------------------------------------------------------------------------------
+    def model_parameter_groups(self, lr: float, enc_lr_scale: float) -> list[dict[str, Any]]:
+        """Optimiser groups of the world-model step: encoder at ``lr·enc_lr_scale``; dynamics, reward, critic
+        (and termination) at ``lr``."""
+        rest = [*self.dynamics.parameters(), *self.reward.parameters(), *self.critic.parameters()]
+        if self.termination is not None:
+            rest += list(self.termination.parameters())
+        return [
+            {"params": list(self.encoder.parameters()), "lr": lr * enc_lr_scale},
+            {"params": rest, "lr": lr},
+        ]
+
+    def component_parameter_counts(self) -> dict[str, int]:
+        """Learnable parameters per component, as the spec's table (§1.6)."""
+
+        def n(m: Optional[nn.Module]) -> int:
+            return 0 if m is None else sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+        counts = {
+            "encoder": n(self.encoder),
+            "dynamics": n(self.dynamics),
+            "reward": n(self.reward),
+            "termination": n(self.termination),
+            "pi": n(self.pi),
+            "critic": n(self.critic),
+        }
+        counts["total"] = sum(counts.values())
+        return counts
