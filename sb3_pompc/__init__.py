@@ -1,10 +1,6 @@
 """sb3-pompc: PO-MPC (KL-regularised learning to plan with adaptive priors) for Stable-Baselines3."""
 
-try:  # TEMP until envs.py lands
-    from sb3_pompc.envs import register_dmc_envs
-except ImportError:  # pragma: no cover
-    def register_dmc_envs() -> None:
-        pass
+from sb3_pompc.envs import register_dmc_envs
 from sb3_pompc.policies import MlpPolicy, POMPCPolicy
 from sb3_pompc.pompc import POMPC
 from sb3_pompc.buffers import POMPCReplayBuffer, POMPCReplayBufferSamples

@@ -69,7 +69,7 @@ class POMPCReplayBuffer(ReplayBuffer):
     another env's column, or the write pointer (also after wrap-around). Rows written without a plan (random
     warm-up actions) carry π^P = N(0, 1) and ``has_plan = False``.
 
-    :param buffer_size: max number of rows (per env)
+    :param buffer_size: max number of transitions (all envs together, as SB3: buffer_size // n_envs rows per env)
     :param observation_space: observation space
     :param action_space: action space (Box)
     :param device: torch device of the samples
@@ -113,6 +113,11 @@ class POMPCReplayBuffer(ReplayBuffer):
         if available is not None and self.memory_bytes > 0.5 * available:
             warnings.warn(f"{report}: more than half of the available memory", ResourceWarning, stacklevel=2)
         super().__init__(buffer_size, observation_space, action_space, device, n_envs, False, True)
+        if horizon > self.buffer_size:
+            raise ValueError(
+                f"horizon {horizon} exceeds the {self.buffer_size} rows per env (buffer_size // n_envs): "
+                "increase buffer_size"
+            )
         self.horizon = horizon
         a_dim = int(np.prod(action_space.shape))
         self.plan_means = np.zeros((self.buffer_size, self.n_envs, a_dim), dtype=np.float32)

@@ -70,7 +70,6 @@ class POMPCPolicy(BasePolicy):
     def _build(self, lr_schedule: Schedule) -> None:
         lr = lr_schedule(1)
         groups = self.model.model_parameter_groups(lr, self.enc_lr_scale)
-        groups[0]["lr_scale"], groups[1]["lr_scale"] = self.enc_lr_scale, 1.0
         self.optimizer = torch.optim.Adam(groups, lr=lr)
         self.pi_optimizer = torch.optim.Adam(self.model.pi.parameters(), lr=lr, eps=1e-5)
         self.prior_optimizer = (
@@ -78,6 +77,16 @@ class POMPCPolicy(BasePolicy):
         )
         self.kl_critic_optimizer = (
             torch.optim.Adam(self.model.kl_critic.parameters(), lr=lr) if self.model.kl_critic is not None else None
+        )
+
+    def enable_termination_head(self) -> None:
+        """Add the termination head to the model and to the world-model optimiser (``episodic="auto"``)."""
+        if self.model.termination is not None:
+            return
+        self.model.add_termination_head()
+        self.model_kwargs["episodic"] = True
+        self.optimizer.add_param_group(
+            {"params": list(self.model.termination.parameters()), "lr": self.optimizer.param_groups[1]["lr"], "lr_scale": 1.0}
         )
 
     def optimizers(self) -> list[torch.optim.Optimizer]:

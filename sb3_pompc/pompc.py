@@ -6,7 +6,9 @@ SB3 plumbing (acting, storing π^P, saving, logging) lives here; every equation 
 from __future__ import annotations
 
 import math
+import pathlib
 import random
+import zipfile
 from typing import Any, ClassVar, Optional, TypeVar, Union
 
 import gymnasium as gym
@@ -111,6 +113,35 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
         )
 
 
+def _check_model_file(path: Any) -> None:
+    """A clear ValueError for a file that is not a complete SB3 model archive (truncated or corrupted copy); SB3
+    itself would report a truncated file as ``AssertionError: No data found``. Only reads the file."""
+    if not isinstance(path, (str, pathlib.Path)):
+        return
+    file = pathlib.Path(path)
+    if not file.exists() and pathlib.Path(f"{file}.zip").exists():  # SB3 adds the suffix the same way
+        file = pathlib.Path(f"{file}.zip")
+    if not file.is_file():
+        return  # SB3 raises FileNotFoundError
+    try:
+        with zipfile.ZipFile(file) as archive:
+            names = set(archive.namelist())
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{file} is not a saved model (not a zip archive): is it truncated or corrupted?") from e
+    missing = sorted({"data", "policy.pth"} - names)
+    if missing:
+        raise ValueError(f"{file} is not a complete saved model ({missing} missing): is it truncated or corrupted?")
+
+
+def _flatten_dict_obs(space: spaces.Dict, observation: dict[str, Any]) -> np.ndarray:
+    """One Dict observation, or a batch of them, flattened like ``FlattenObservation`` (keys in the space's order)."""
+    parts = [np.asarray(observation[key], dtype=sub.dtype) for key, sub in space.spaces.items()]
+    if all(p.shape == sub.shape for p, sub in zip(parts, space.spaces.values())):
+        return np.concatenate([p.reshape(-1) for p in parts])
+    n = parts[0].shape[0]
+    return np.concatenate([p.reshape(n, -1) for p in parts], axis=1)
+
+
 def _flatten_dict_env(env: Union[GymEnv, str]) -> Union[GymEnv, str]:
     if isinstance(env, str):
         env = gym.make(env)
@@ -172,7 +203,8 @@ class POMPC(OffPolicyAlgorithm):
     :param reanalyze_num_samples: MPPI samples used by reanalyze (None = num_samples); a CPU knob
     :param expl_log_std_min: log σ lower bound of the policy trajectories in reanalyze (BMPC −2)
     :param expl_log_std_max: log σ upper bound of the policy trajectories in reanalyze (BMPC 1)
-    :param episodic: termination head: True, False or "auto" (known terminating envs)
+    :param episodic: termination head: True, False or "auto" (on for known terminating envs such as Gymnasium
+        MuJoCo Hopper/Walker2d/Ant, and switched on as soon as the env produces a true termination)
     :param entropy_coef: β of the entropy bonus (1e-4)
     :param rho: temporal weight ρ (0.5)
     :param consistency_coef: latent consistency weight (20)
@@ -284,6 +316,10 @@ class POMPC(OffPolicyAlgorithm):
         if replay_buffer_class is not None and not issubclass(replay_buffer_class, POMPCReplayBuffer):
             raise ValueError("replay_buffer_class must be a POMPCReplayBuffer (sub)class: it stores planner stats")
         env = _flatten_dict_env(env)
+        # the Dict space of an env flattened here: ``predict`` flattens such observations the same way
+        self.dict_observation_space: Optional[spaces.Dict] = (
+            env.env.observation_space if isinstance(env, gym.wrappers.FlattenObservation) else None
+        )
         if env is not None and not isinstance(env, str):  # before SB3's assert, so that the error is a ValueError
             check_spaces(env.observation_space, env.action_space)
         super().__init__(
@@ -344,6 +380,8 @@ class POMPC(OffPolicyAlgorithm):
             max(1000, 5 * (episode_length or 200)) if learning_starts == "auto" else int(learning_starts)
         )
         self.pretrain_updates = self.learning_starts if pretrain_updates == "auto" else int(pretrain_updates)
+        self._episodic_auto = episodic == "auto"
+        self._saw_termination = False
         self.episodic = _can_terminate(self.env) if episodic == "auto" and self.env is not None else bool(
             episodic if episodic != "auto" else False
         )
@@ -546,6 +584,10 @@ class POMPC(OffPolicyAlgorithm):
         return action, scaled
 
     def _store_transition(self, replay_buffer, buffer_action, new_obs, reward, dones, infos) -> None:  # type: ignore[override]
+        # a callback may have changed ``buffer_actions`` in place: the buffer holds finite actions in [−1, 1] only
+        if not np.all(np.isfinite(buffer_action)):
+            raise ValueError(f"non-finite action {buffer_action} at timestep {self.num_timesteps} (changed by a callback?)")
+        buffer_action = np.clip(buffer_action, -1.0, 1.0)
         if not np.all(np.isfinite(new_obs)):
             bad = np.where(~np.all(np.isfinite(np.asarray(new_obs).reshape(len(dones), -1)), axis=1))[0]
             raise ValueError(
@@ -573,9 +615,27 @@ class POMPC(OffPolicyAlgorithm):
             replay_buffer.set_next_plan(*self._pending_plan)  # type: ignore[attr-defined]
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
         self._episode_start = np.asarray(dones, dtype=bool).copy()
+        if self._episodic_auto and not self.episodic and any(
+            done and not info.get("TimeLimit.truncated", False) for done, info in zip(dones, infos)
+        ):
+            self._saw_termination = True
 
     # ------------------------------------------------------------------------------------------ learning
+    def _enable_termination_head(self) -> None:
+        """``episodic="auto"``: the env produced a true termination, so add the termination head (TD-MPC2's
+        ``episodic``) before the next update; saved models keep it."""
+        self.episodic = True
+        self.policy.enable_termination_head()
+        self.policy_kwargs["model_kwargs"]["episodic"] = True
+        if self.verbose >= 1:
+            print("POMPC: the environment terminates episodes; termination head enabled (episodic=True)")
+
     def train(self, gradient_steps: int, batch_size: int = 256) -> None:
+        if self.replay_buffer.num_rows() < self.horizon:
+            # e.g. ``load`` without ``load_replay_buffer``: no window of H steps yet, updates resume once there is one
+            return
+        if self._saw_termination and not self.episodic:
+            self._enable_termination_head()
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizers() + ([self.kl_coef_optimizer] if self.kl_coef_optimizer else []))
         logs: list[dict[str, torch.Tensor]] = []
@@ -635,7 +695,7 @@ class POMPC(OffPolicyAlgorithm):
             if self.reanalyze_interval and self._n_policy_updates % self.reanalyze_interval == 0:
                 batch = self._reanalyze(batch)
         obs, actions, rewards = batch.observations, batch.actions, batch.rewards
-        terminated = batch.terminated if self.episodic else torch.zeros_like(batch.terminated)
+        terminated = batch.terminated  # true terminations only: time-limit truncations bootstrap
         H, B = actions.shape[:2]
 
         # 1. targets (no grad, eval mode)
@@ -792,3 +852,49 @@ class POMPC(OffPolicyAlgorithm):
         progress_bar: bool = False,
     ) -> SelfPOMPC:
         return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
+
+    def predict(
+        self,
+        observation: Union[np.ndarray, dict[str, np.ndarray]],
+        state: Optional[tuple[np.ndarray, ...]] = None,
+        episode_start: Optional[np.ndarray] = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, Optional[tuple[np.ndarray, ...]]]:
+        """SB3's ``predict`` (``state`` = the planner's warm-start mean, see :meth:`POMPCPolicy.predict`). Dict
+        observations of an env that POMPC flattened at construction are flattened the same way.
+
+        :param observation: one observation or a batch
+        :param state: the previous call's returned state, or None
+        :param episode_start: (n_envs,) True where an episode starts
+        :param deterministic: no exploration noise on the executed action
+        :return: actions in the env's bounds and the new state
+        """
+        if isinstance(observation, dict) and self.dict_observation_space is not None:
+            observation = _flatten_dict_obs(self.dict_observation_space, observation)
+        return super().predict(observation, state, episode_start, deterministic)
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfPOMPC],
+        path: Any,
+        env: Optional[GymEnv] = None,
+        device: Union[torch.device, str] = "auto",
+        custom_objects: Optional[dict[str, Any]] = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfPOMPC:
+        """SB3's ``load``; a gymnasium.Env with Dict observations of Box entries is flattened as at construction.
+
+        :param path: the saved model (zip file or file-like object)
+        :param env: the env to continue training with (None: predict only)
+        :param device: device of the loaded model
+        :param custom_objects: replacements for saved objects that cannot be deserialised
+        :param print_system_info: print the saving and loading system information
+        :param force_reset: reset the env before training (SB3 default; a new episode starts after loading)
+        :param kwargs: attributes to change on the loaded model
+        """
+        _check_model_file(path)
+        env = _flatten_dict_env(env) if env is not None else None
+        return super().load(path, env=env, device=device, custom_objects=custom_objects,  # type: ignore[return-value]
+                            print_system_info=print_system_info, force_reset=force_reset, **kwargs)

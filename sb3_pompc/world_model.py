@@ -287,6 +287,7 @@ class WorldModel(nn.Module):
         self.encoder = mlp(obs_dim, max(num_enc_layers - 1, 1) * [enc_dim], L, act=SimNorm(simnorm_dim))
         self.dynamics = mlp(L + A, [M, M], L, act=SimNorm(simnorm_dim))
         self.reward = mlp(L + A, [M, M], num_bins)
+        self.mlp_dim = M
         self.termination = mlp(L, [M, M], 1) if episodic else None
         self.pi = PolicyHead(L, M, A, log_std_min, log_std_max, policy_squash)
         self.prior = PolicyHead(L, M, A, log_std_min, log_std_max, policy_squash) if learned_prior else None
@@ -301,6 +302,13 @@ class WorldModel(nn.Module):
         else:
             self.kl_critic = self.kl_critic_target = None
         self.two_hot = TwoHot(num_bins, vmin, vmax)
+
+    def add_termination_head(self) -> None:
+        """Build the termination head (trunc-normal init) on the model's device."""
+        device = next(self.parameters()).device
+        self.termination = mlp(self.latent_dim, [self.mlp_dim, self.mlp_dim], 1).to(device)
+        self.termination.apply(_trunc_normal_init)
+        self.episodic = True
 
     @staticmethod
     def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -387,12 +395,13 @@ class WorldModel(nn.Module):
         """Optimiser groups of the world-model step: encoder at ``lr·enc_lr_scale``; dynamics, reward, critic
         (and termination) at ``lr``."""
         rest = [*self.dynamics.parameters(), *self.reward.parameters(), *self.critic.parameters()]
-        if self.termination is not None:
-            rest += list(self.termination.parameters())
-        return [
-            {"params": list(self.encoder.parameters()), "lr": lr * enc_lr_scale},
-            {"params": rest, "lr": lr},
+        groups = [
+            {"params": list(self.encoder.parameters()), "lr": lr * enc_lr_scale, "lr_scale": enc_lr_scale},
+            {"params": rest, "lr": lr, "lr_scale": 1.0},
         ]
+        if self.termination is not None:  # its own group, so a head added later (episodic="auto") saves alike
+            groups.append({"params": list(self.termination.parameters()), "lr": lr, "lr_scale": 1.0})
+        return groups
 
     def component_parameter_counts(self) -> dict[str, int]:
         """Learnable parameters per component, as the spec's table (§1.6)."""
