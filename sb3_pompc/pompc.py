@@ -690,10 +690,9 @@ class POMPC(OffPolicyAlgorithm):
         model, policy = self.policy.model, self.policy
         batch = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)
         logs: dict[str, torch.Tensor] = {}
-        if not pretrain:
-            self._n_policy_updates += 1
-            if self.reanalyze_interval and self._n_policy_updates % self.reanalyze_interval == 0:
-                batch = self._reanalyze(batch)
+        # during the j-th non-pretrain update the counter is j − 1 (λ is 0 for updates 1..kl_warmup)
+        if not pretrain and self.reanalyze_interval and (self._n_policy_updates + 1) % self.reanalyze_interval == 0:
+            batch = self._reanalyze(batch)
         obs, actions, rewards = batch.observations, batch.actions, batch.rewards
         terminated = batch.terminated  # true terminations only: time-limit truncations bootstrap
         H, B = actions.shape[:2]
@@ -749,6 +748,8 @@ class POMPC(OffPolicyAlgorithm):
         # 6. soft target update
         model.soft_update_targets(self.tau)
         model.eval()
+        if not pretrain:
+            self._n_policy_updates += 1
         return logs
 
     def _kl_to_prior(self, out, z: torch.Tensor, batch: POMPCReplayBufferSamples, T: int) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""Shared fixtures of the test suite.
+
+Every test process runs torch on ONE thread (the CI machine has 2 shared cores; two torch threads next to another
+busy process make small matmuls ~10x slower). The ``ref`` fixture holds reference formulas written from the spec
+(``/work/shared/reference/tdmpc2-bmpc-spec.md``), independently of the package, so that tests never compute an
+expected value with the function under test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+# ---------------------------------------------------------------------------------------------------------------
+# reference formulas (spec §2), plain torch, written without looking at sb3_pompc.math
+# ---------------------------------------------------------------------------------------------------------------
+NUM_BINS, VMIN, VMAX = 101, -10.0, 10.0
+BIN_SIZE = (VMAX - VMIN) / (NUM_BINS - 1)
+
+
+def ref_symlog(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x)·ln(1 + |x|)``."""
+    return torch.sign(x) * torch.log(1.0 + torch.abs(x))
+
+
+def ref_symexp(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x)·(e^{|x|} − 1)``."""
+    return torch.sign(x) * (torch.exp(torch.abs(x)) - 1.0)
+
+
+def ref_two_hot(x: torch.Tensor) -> torch.Tensor:
+    """two_hot of a flat tensor of scalars, one python loop per sample (spec §2), shape (n, K), float64."""
+    out = torch.zeros(x.numel(), NUM_BINS, dtype=torch.float64)
+    for i, v in enumerate(x.reshape(-1).tolist()):
+        y = min(max(math.copysign(math.log1p(abs(v)), v), VMIN), VMAX)
+        pos = (y - VMIN) / BIN_SIZE
+        idx = int(math.floor(pos))
+        idx = min(idx, NUM_BINS - 1)
+        off = pos - idx
+        out[i, idx] += 1.0 - off
+        out[i, (idx + 1) % NUM_BINS] += off
+    return out
+
+
+def ref_two_hot_inv(logits: torch.Tensor) -> torch.Tensor:
+    """``symexp(Σ_k softmax(logits)_k · centre_k)``, shape (..., 1)."""
+    centres = torch.linspace(VMIN, VMAX, NUM_BINS, dtype=torch.float64)
+    p = torch.softmax(logits.double(), dim=-1)
+    return ref_symexp((p * centres).sum(-1, keepdim=True))
+
+
+def ref_soft_ce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``−Σ_k two_hot(x)_k · log_softmax(logits)_k`` per sample; logits (..., K), x (..., 1) → (..., 1), float64."""
+    target = ref_two_hot(x.reshape(-1)).reshape(*x.shape[:-1], NUM_BINS)
+    return -(target * torch.log_softmax(logits.double(), dim=-1)).sum(-1, keepdim=True)
+
+
+def ref_logits_for(value: torch.Tensor) -> torch.Tensor:
+    """Logits whose two-hot expectation decodes to ``value`` (log of the two-hot target, tiny floor), (..., K)."""
+    target = ref_two_hot(value.reshape(-1)).reshape(*value.shape[:-1], NUM_BINS)
+    return torch.log(target + 1e-30).float()
+
+
+def ref_gaussian_kl(mu_p, std_p, mu_q, std_q) -> torch.Tensor:
+    """Per-dim ``KL(N(μp, σp²) ‖ N(μq, σq²))`` averaged over the last dim, (..., 1), float64."""
+    mu_p, std_p, mu_q, std_q = (t.double() for t in (mu_p, std_p, mu_q, std_q))
+    per_dim = torch.log(std_q) - torch.log(std_p) + (std_p**2 + (mu_p - mu_q) ** 2) / (2 * std_q**2) - 0.5
+    return per_dim.mean(-1, keepdim=True)
+
+
+def ref_percentile_linear(x: np.ndarray, p: float) -> float:
+    """numpy "linear" percentile written out: position ``p·(n−1)/100`` between sorted neighbours."""
+    xs = np.sort(np.asarray(x, dtype=np.float64).reshape(-1))
+    pos = p * (len(xs) - 1) / 100.0
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(xs) - 1)
+    w = pos - lo
+    return float(xs[lo] * (1 - w) + xs[hi] * w)
+
+
+def ref_rho_mean(x: torch.Tensor, rho: float) -> torch.Tensor:
+    """``(1/T) Σ_t ρ^t · mean_b x_t`` with an explicit python loop over t; x (T, B, 1)."""
+    T = x.shape[0]
+    total = x.new_zeros(())
+    for t in range(T):
+        total = total + (rho**t) * x[t].mean()
+    return total / T
+
+
+@pytest.fixture(scope="session")
+def ref() -> SimpleNamespace:
+    """Reference formulas of the spec, independent of the package."""
+    return SimpleNamespace(
+        symlog=ref_symlog,
+        symexp=ref_symexp,
+        two_hot=ref_two_hot,
+        two_hot_inv=ref_two_hot_inv,
+        soft_ce=ref_soft_ce,
+        logits_for=ref_logits_for,
+        gaussian_kl=ref_gaussian_kl,
+        percentile=ref_percentile_linear,
+        rho_mean=ref_rho_mean,
+        NUM_BINS=NUM_BINS,
+        VMIN=VMIN,
+        VMAX=VMAX,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    """Every test starts from the same seeds (tests are deterministic and independent of their order)."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+
+
+TINY_MODEL = dict(latent_dim=16, enc_dim=24, mlp_dim=24, num_enc_layers=2, num_q=3)
+
+
+@pytest.fixture
+def make_tiny_model() -> Callable[..., "torch.nn.Module"]:
+    """Factory of a tiny CPU world model (obs 5, action 3 unless given); keyword arguments override."""
+    from sb3_pompc.world_model import WorldModel
+
+    def factory(obs_dim: int = 5, action_dim: int = 3, **kwargs) -> WorldModel:
+        cfg = {**TINY_MODEL, **kwargs}
+        return WorldModel(obs_dim, action_dim, **cfg)
+
+    return factory
+
+
+def randomize_(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
+    """Fill every parameter with N(0, scale²) (so zero-initialised heads produce non-trivial outputs)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, scale)
+    return module
+
+
+@pytest.fixture
+def randomize() -> Callable[..., torch.nn.Module]:
+    """``randomize(module, scale)``: N(0, scale²) parameters in place."""
+    return randomize_
