@@ -448,6 +448,8 @@ class POMPC(OffPolicyAlgorithm):
             raise ValueError(f"critic must be 'q' or 'v', got {cfg['critic']!r}")
         if cfg["critic"] == "v" and not math.isinf(lam):
             raise ValueError("critic='v' (BMPC's V critic) supports only kl_coef=inf; use critic='q' for finite or auto λ")
+        if kl_warmup > 0 and cfg["critic"] == "v":
+            raise ValueError("kl_warmup forces λ = 0, which needs a Q critic; critic='v' (BMPC) supports only λ = ∞")
         if kl_value and math.isinf(lam):
             raise ValueError("kl_value=True needs a finite (or 'auto') kl_coef: with λ = ∞ there is no return term")
         if cfg["target_reduce"] not in ("min", "avg"):
@@ -649,12 +651,21 @@ class POMPC(OffPolicyAlgorithm):
         self._record(logs)
 
     def _record(self, logs: list[dict[str, torch.Tensor]]) -> None:
+        """Log the mean of every term over this call's updates (ONE host transfer for all of them)."""
         if not logs:
             return
         keys = sorted({k for log in logs for k in log})
-        for key in keys:
-            values = [log[key] for log in logs if key in log]
-            self.logger.record(f"train/{key}", torch.stack([v.float().reshape(()) for v in values]).mean().item())
+        means = torch.stack(
+            [torch.stack([log[k].float().reshape(()) for log in logs if k in log]).mean() for k in keys]
+        ).tolist()
+        bad = [k for k, v in zip(keys, means) if not math.isfinite(v) and k.endswith("loss")]
+        if bad:  # on CUDA the per-loss check is skipped to avoid host syncs: this is where it is caught
+            raise FloatingPointError(
+                f"non-finite {', '.join(bad)} before update {self._n_updates} (timestep {self.num_timesteps}); "
+                "training stopped"
+            )
+        for key, value in zip(keys, means):  # averaged over every train() call between two dumps
+            self.logger.record_mean(f"train/{key}", value)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/kl_coef", self.current_kl_coef())
         self.logger.record("train/q_scale", self.policy.q_scale.value.item())
@@ -836,7 +847,7 @@ class POMPC(OffPolicyAlgorithm):
         return {"kl_value_loss": loss.detach()}
 
     def _check_finite(self, loss: torch.Tensor, name: str) -> None:
-        # one host sync per loss on CPU is cheap; on GPU it is skipped (checked once per train() via the logs)
+        # one host sync per loss on CPU is cheap; on GPU it is skipped (``_record`` checks once per train() call)
         if loss.device.type == "cpu" and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite {name} at update {self._n_updates} (timestep {self.num_timesteps}); training stopped "
