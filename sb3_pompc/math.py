@@ -112,8 +112,9 @@ class SimNorm(nn.Module):
         shp = x.shape
         if shp[-1] % self.dim != 0:
             raise ValueError(f"SimNorm: last dim {shp[-1]} is not a multiple of the group size {self.dim}")
-        x = x.reshape(*shp[:-1], -1, self.dim)
-        return F.softmax(x.float(), dim=-1).to(x.dtype).reshape(shp)
+        # softmax over a strided view: a softmax over a contiguous last dim of 8 is ~8x slower on CPU
+        x = x.reshape(-1, shp[-1] // self.dim, self.dim).transpose(1, 2)
+        return F.softmax(x.float(), dim=1).to(x.dtype).transpose(1, 2).reshape(shp)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
