@@ -42,11 +42,13 @@ from train_dmc import (  # noqa: E402
     train,
 )
 
+# the presets that refresh stale π^P keep lazy reanalyze on the CPU, in a cheap form (the CPU sizes switch it off)
+_CHEAP_REANALYZE = dict(reanalyze_interval=10, reanalyze_batch_size=4, reanalyze_num_samples=32)
 VARIANTS: dict[str, dict[str, Any]] = {
     "tdmpc2": dict(preset="tdmpc2"),
-    "bmpc": dict(preset="bmpc"),
-    "pompc-forward": dict(preset="pompc", prior="forward"),
-    "pompc-reverse": dict(preset="pompc", prior="reverse"),
+    "bmpc": dict(preset="bmpc", cpu_extra=_CHEAP_REANALYZE),
+    "pompc-forward": dict(preset="pompc", prior="forward", cpu_extra=_CHEAP_REANALYZE),
+    "pompc-reverse": dict(preset="pompc", prior="reverse", cpu_extra=_CHEAP_REANALYZE),
 }
 
 
@@ -128,8 +130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                 print(f"[{name}] exists, skipped")
                 continue
             v = VARIANTS[name]
+            extra = {} if args.full else dict(v.get("cpu_extra", {}))
             kwargs = build_model_kwargs(v["preset"], v.get("kl_coef"), v.get("prior"), not args.full, args.seed,
-                                        args.device, overrides)
+                                        args.device, {**extra, **overrides})
             print(f"[{name}] training {args.steps} steps on {args.env}", flush=True)
             train(args.env, args.steps, out / name, kwargs, args.eval_freq, args.eval_episodes, True, anchors,
                   label=name, verbose=0 if args.quiet else 1)

@@ -36,6 +36,8 @@ class POMPCPolicy(BasePolicy):
     :param scale_tau: running-scale smoothing (0.01)
     :param planner_dtype: "float32" or "bfloat16" (autocast while planning; LayerNorm, softmax, two-hot
         expectations and MPPI statistics stay in fp32)
+    :param compile: wrap the plan in ``torch.compile`` (CUDA graphs via "reduce-overhead" on GPU); the noise is
+        drawn eagerly, so the compiled plan gives the eager numbers up to float rounding
     :param normalize_images: unused (image observations are not supported)
     """
 
@@ -49,6 +51,7 @@ class POMPCPolicy(BasePolicy):
         enc_lr_scale: float = 0.3,
         scale_tau: float = 0.01,
         planner_dtype: str = "float32",
+        compile: bool = False,
         normalize_images: bool = False,
     ) -> None:
         super().__init__(observation_space, action_space, squash_output=True, normalize_images=False)
@@ -59,6 +62,8 @@ class POMPCPolicy(BasePolicy):
         self.enc_lr_scale = enc_lr_scale
         self.scale_tau = scale_tau
         self.planner_dtype = planner_dtype
+        self.compile = compile
+        self._compiled_plan = None
         obs_dim = int(np.prod(observation_space.shape))
         act_dim = int(np.prod(action_space.shape))
         self.model = WorldModel(obs_dim, act_dim, **self.model_kwargs)
@@ -108,6 +113,7 @@ class POMPCPolicy(BasePolicy):
             enc_lr_scale=self.enc_lr_scale,
             scale_tau=self.scale_tau,
             planner_dtype=self.planner_dtype,
+            compile=self.compile,
             lr_schedule=self._dummy_schedule,  # type: ignore[attr-defined]
         )
         return data
@@ -136,6 +142,16 @@ class POMPCPolicy(BasePolicy):
     ) -> PlanResult:
         """Plan for a batch of flat observations (n, obs_dim) in one call. See :meth:`MPPIPlanner.plan`."""
         planner = self.planner if planner is None else planner
+        if noise is None:  # drawn eagerly, so the compiled plan uses the very same random numbers as eager
+            noise = planner.draw_noise(obs.shape[0], self.model.action_dim, self.model.num_q, obs.device)
+        if self.compile and planner is self.planner:
+            if self._compiled_plan is None:
+                mode = "reduce-overhead" if self.device.type == "cuda" else None
+                self._compiled_plan = torch.compile(self._plan_core, mode=mode, dynamic=False)
+            return self._compiled_plan(obs, warm_mean, deterministic, noise, planner, pi_log_std_bounds)
+        return self._plan_core(obs, warm_mean, deterministic, noise, planner, pi_log_std_bounds)
+
+    def _plan_core(self, obs, warm_mean, deterministic, noise, planner, pi_log_std_bounds) -> PlanResult:
         with self._autocast():
             z = self.model.encode(obs)
             return planner.plan(self.model, z, warm_mean, deterministic, noise, pi_log_std_bounds)
