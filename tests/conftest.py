@@ -152,3 +152,16 @@ def randomize_(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
 def randomize() -> Callable[..., torch.nn.Module]:
     """``randomize(module, scale)``: N(0, scale²) parameters in place."""
     return randomize_
+
+
+#: the tiny POMPC configuration shared by the algorithm-level tests (one thread, a few seconds per learn)
+TINY_ALGO: dict = dict(
+    model_size=None, latent_dim=32, mlp_dim=32, enc_dim=32, num_q=2, num_samples=32, num_elites=4, num_pi_trajs=2,
+    iterations=2, batch_size=16, learning_starts=50, pretrain_updates=5, buffer_size=10_000,
+)
+
+
+def tiny_algo(**overrides) -> dict:
+    """:data:`TINY_ALGO` with ``overrides``; a ``None`` value removes the key (leaves it to the preset)."""
+    cfg = {**TINY_ALGO, **overrides}
+    return {k: v for k, v in cfg.items() if v is not None}

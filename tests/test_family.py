@@ -23,26 +23,19 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import Logger, configure
 from stable_baselines3.common.vec_env import DummyVecEnv
 
+from conftest import TINY_ALGO, tiny_algo
+
 from sb3_pompc import POMPC
 from sb3_pompc import objectives as obj
 from sb3_pompc.buffers import POMPCReplayBufferSamples
 
 torch.set_num_threads(1)
 
-TINY: dict[str, Any] = dict(
-    model_size=None, latent_dim=32, mlp_dim=32, enc_dim=32, num_q=2, num_samples=32, num_elites=4, num_pi_trajs=2,
-    iterations=2, batch_size=16, learning_starts=50, pretrain_updates=5, buffer_size=10_000,
-)
+TINY: dict[str, Any] = TINY_ALGO
 BATCH = 16
 
 
-def tiny(**overrides: Any) -> dict[str, Any]:
-    """The tiny configuration with ``overrides``.
-
-    :param overrides: settings to change; a ``None`` value removes the key (leaves it to the preset)
-    """
-    cfg = {**TINY, **overrides}
-    return {k: v for k, v in cfg.items() if v is not None}
+tiny = tiny_algo
 
 
 def silent_logger() -> Logger:

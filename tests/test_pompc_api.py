@@ -22,19 +22,16 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
+from conftest import TINY_ALGO, tiny_algo
+
 from sb3_pompc import POMPC
 
 torch.set_num_threads(1)
 
-TINY: dict[str, Any] = dict(
-    model_size=None, latent_dim=32, mlp_dim=32, enc_dim=32, num_q=2, num_samples=32, num_elites=4, num_pi_trajs=2,
-    iterations=2, batch_size=16, learning_starts=50, pretrain_updates=5, buffer_size=10_000,
-)
+TINY: dict[str, Any] = TINY_ALGO
 
 
-def tiny(**overrides: Any) -> dict[str, Any]:
-    """The tiny configuration with ``overrides``."""
-    return {**TINY, **overrides}
+tiny = tiny_algo
 
 
 def short_pendulum(n_envs: int = 1, episode_steps: int = 30, seed: Optional[int] = None):

@@ -23,21 +23,18 @@ from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv
 
+from conftest import TINY_ALGO, tiny_algo
+
 from sb3_pompc import POMPC
 from sb3_pompc.buffers import POMPCReplayBuffer
 from sb3_pompc.math import symlog
 
 torch.set_num_threads(1)
 
-TINY: dict[str, Any] = dict(
-    model_size=None, latent_dim=32, mlp_dim=32, enc_dim=32, num_q=2, num_samples=32, num_elites=4, num_pi_trajs=2,
-    iterations=2, batch_size=16, learning_starts=50, pretrain_updates=5, buffer_size=10_000,
-)
+TINY: dict[str, Any] = TINY_ALGO
 
 
-def tiny(**overrides: Any) -> dict[str, Any]:
-    """The tiny configuration with ``overrides``."""
-    return {**TINY, **overrides}
+tiny = tiny_algo
 
 
 class PointMassEnv(gym.Env):

@@ -30,6 +30,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import TINY_ALGO
 
 from sb3_pompc import POMPC, zoo
 
@@ -46,10 +47,7 @@ TINY_ARGS = [
     "num_pi_trajs:2", "iterations:2", "batch_size:16", "learning_starts:50", "pretrain_updates:5",
     "reanalyze_interval:0", "buffer_size:10000",
 ]
-TINY: dict[str, Any] = dict(
-    model_size=None, latent_dim=32, mlp_dim=32, enc_dim=32, num_q=2, num_samples=32, num_elites=4, num_pi_trajs=2,
-    iterations=2, batch_size=16, learning_starts=50, pretrain_updates=5, buffer_size=10_000,
-)
+TINY: dict[str, Any] = TINY_ALGO
 #: the options every pompc zoo run of this file shares: one thread, 50-step episodes, the tiny model
 COMMON = ["--num-threads", "1", "--env-kwargs", "max_episode_steps:50", "--hyperparams", *TINY_ARGS]
 TIMEOUT = 300
