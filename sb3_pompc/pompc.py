@@ -584,8 +584,11 @@ class POMPC(OffPolicyAlgorithm):
             self.policy.set_training_mode(False)
             result = self.policy.plan(obs, warm, deterministic=False)
             self._plan_mean = result.mean
-            scaled = result.action.cpu().numpy().reshape(n_envs, *self.action_space.shape)
-            self._pending_plan = (result.plan_mean.cpu().numpy(), result.plan_std.cpu().numpy())
+            # one device → host transfer per env step: action and π^P together
+            host = torch.cat([result.action, result.plan_mean, result.plan_std], dim=-1).float().cpu().numpy()
+            action, plan_mean, plan_std = np.split(host, 3, axis=-1)
+            scaled = action.reshape(n_envs, *self.action_space.shape)
+            self._pending_plan = (plan_mean, plan_std)
         action = self.policy.unscale_action(scaled)
         return action, scaled
 
