@@ -22,10 +22,10 @@ PENDULUM_SMALL = dict(
     model_size=None, latent_dim=64, mlp_dim=128, enc_dim=64, num_q=2, num_samples=128, num_elites=16,
     num_pi_trajs=8, iterations=3, batch_size=64, reanalyze_interval=0,
 )
-# the CPU-friendly DMControl preset of the README's main command
+# the CPU-friendly DMControl settings of the README's main command (examples/train_dmc.py --cpu)
 DMC_CPU = dict(
-    model_size=1, num_samples=128, num_elites=16, num_pi_trajs=8, iterations=4, batch_size=128,
-    reanalyze_interval=0, pretrain_updates=1000,
+    model_size=1, num_samples=64, num_elites=8, num_pi_trajs=4, iterations=3, batch_size=64,
+    reanalyze_interval=0, pretrain_updates=500,
 )
 
 
