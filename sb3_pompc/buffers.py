@@ -96,8 +96,14 @@ class POMPCReplayBuffer(ReplayBuffer):
             raise ValueError("POMPCReplayBuffer needs handle_timeout_termination=True: truncations must bootstrap")
         if not isinstance(action_space, spaces.Box):
             raise ValueError(f"POMPCReplayBuffer supports Box action spaces only, got {action_space}")
-        if horizon < 1 or horizon > buffer_size:
-            raise ValueError(f"horizon must be in [1, buffer_size], got {horizon} with buffer_size={buffer_size}")
+        rows_per_env = max(buffer_size // n_envs, 1)  # as SB3 sizes its arrays
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        if horizon > rows_per_env:  # checked before anything is allocated
+            raise ValueError(
+                f"horizon {horizon} exceeds the {rows_per_env} rows per env (buffer_size // n_envs): "
+                "increase buffer_size"
+            )
         self.memory_bytes = self.estimate_memory(buffer_size, observation_space, action_space, n_envs)
         available = available_memory_bytes()
         rows = max(buffer_size // n_envs, 1) * n_envs
@@ -113,11 +119,6 @@ class POMPCReplayBuffer(ReplayBuffer):
         if available is not None and self.memory_bytes > 0.5 * available:
             warnings.warn(f"{report}: more than half of the available memory", ResourceWarning, stacklevel=2)
         super().__init__(buffer_size, observation_space, action_space, device, n_envs, False, True)
-        if horizon > self.buffer_size:
-            raise ValueError(
-                f"horizon {horizon} exceeds the {self.buffer_size} rows per env (buffer_size // n_envs): "
-                "increase buffer_size"
-            )
         self.horizon = horizon
         a_dim = int(np.prod(action_space.shape))
         self.plan_means = np.zeros((self.buffer_size, self.n_envs, a_dim), dtype=np.float32)

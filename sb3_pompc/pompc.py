@@ -63,13 +63,13 @@ def parse_kl_coef(kl_coef: Union[float, str]) -> tuple[float, bool]:
 
 
 def _episode_length(env: VecEnv) -> Optional[int]:
-    for attr in ("episode_length",):
-        try:
-            value = env.get_attr(attr)[0]
-            if value:
-                return int(value)
-        except (AttributeError, KeyError):
-            pass
+    """The env's episode length: its ``episode_length`` attribute (dmc ids), else its TimeLimit, else None."""
+    try:
+        value = env.get_attr("episode_length")[0]
+        if value:
+            return int(value)
+    except (AttributeError, KeyError):
+        pass
     try:
         spec = env.get_attr("spec")[0]
         if spec is not None and spec.max_episode_steps:
@@ -478,19 +478,15 @@ class POMPC(OffPolicyAlgorithm):
         if self.kl_coef_auto:
             self.log_kl_coef = torch.log(torch.ones(1, device=self.device) * self.kl_coef_init).requires_grad_(True)
             self.kl_coef_optimizer = torch.optim.Adam([self.log_kl_coef], lr=self.lr_schedule(1))
+        acting = self.policy.planner_kwargs
+        samples = self.reanalyze_num_samples or acting["num_samples"]
         self._reanalyze_planner = MPPIPlanner(
             **{
-                **self.policy.planner_kwargs,
+                **acting,
                 "horizon": self.reanalyze_horizon,
-                "num_samples": self.reanalyze_num_samples or self.policy.planner_kwargs["num_samples"],
-                "num_elites": min(
-                    self.policy.planner_kwargs["num_elites"],
-                    self.reanalyze_num_samples or self.policy.planner_kwargs["num_samples"],
-                ),
-                "num_pi_trajs": min(
-                    self.policy.planner_kwargs["num_pi_trajs"],
-                    (self.reanalyze_num_samples or self.policy.planner_kwargs["num_samples"]) - 1,
-                ),
+                "num_samples": samples,
+                "num_elites": min(acting["num_elites"], samples),
+                "num_pi_trajs": min(acting["num_pi_trajs"], samples - 1),
             }
         )
         self._restore_rng_states()
@@ -564,11 +560,7 @@ class POMPC(OffPolicyAlgorithm):
 
     def current_kl_coef(self) -> float:
         """λ now (forced to 0 during ``kl_warmup``)."""
-        if self._n_policy_updates < self.kl_warmup:
-            return 0.0
-        if self.log_kl_coef is not None:
-            return float(self.log_kl_coef.detach().exp().item())
-        return self.kl_coef_init
+        return float(self._kl_coef_tensor())
 
     def _sample_action(self, learning_starts: int, action_noise: Optional[ActionNoise] = None, n_envs: int = 1):
         if self.num_timesteps < learning_starts:
