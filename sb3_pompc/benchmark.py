@@ -12,8 +12,11 @@ What is timed (median of several calls after a warm-up):
   ``POMPC(..., planner_dtype="bfloat16")``, i.e. autocast while planning.
 - ``update``: ``model._update(batch_size, pretrain=False)`` on a replay buffer filled with random transitions
   (window sampling, targets, world-model + critic step, prior step, policy step, soft target update), with
-  lazy reanalyze switched off (timed separately as ``reanalyze``). POMPC trains in fp32; the bf16 update rows
-  run the same update under ``torch.autocast(device, torch.bfloat16)`` — a benchmark-only what-if.
+  lazy reanalyze switched off (timed separately as ``reanalyze``). The bf16 update rows use
+  ``POMPC(..., update_dtype="bfloat16")`` (the update's forward passes under autocast, fp32 weights).
+- ``--compile``: the same rows with ``POMPC(..., compile=True)`` (``torch.compile`` of the plan and of the
+  update's forward passes); compilation happens in the untimed first calls, and FLOPs are counted on the eager
+  path of the same model.
 - ``reanalyze`` (not in the default set): one lazy-reanalyze call, i.e. one plan of ``horizon ·
   reanalyze_batch_size`` buffer states with ``reanalyze_num_samples`` samples. It runs every
   ``reanalyze_interval`` updates; ``amortized_ms`` is its cost per update.
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 import os
 import platform
@@ -326,12 +328,6 @@ def contention_probe(reps: int = 50) -> float:
     return 1e6 * statistics.median(times)
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
-
-
 def _devices(spec: str) -> list[str]:
     if spec == "auto":
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -360,6 +356,7 @@ def run_benchmark(
     max_reps: int = 100,
     peak_size: int = 2048,
     threads: Optional[int] = None,
+    compile: bool = False,
     verbose: bool = True,
 ) -> list[dict[str, Any]]:
     """Time plans and updates over the grid and return one record per measured row.
@@ -373,7 +370,8 @@ def run_benchmark(
     :param dtypes: "fp32" and/or "bf16" for plans
     :param devices: torch devices
     :param what: any of "plan", "update", "reanalyze"
-    :param update_dtypes: dtypes of the update and reanalyze rows (default: ``dtypes``); bf16 = autocast
+    :param update_dtypes: dtypes of the update and reanalyze rows (default: ``dtypes``); bf16 =
+        ``update_dtype="bfloat16"`` (and ``planner_dtype`` for reanalyze)
     :param obs_dim: observation size of the synthetic env
     :param action_dim: action size of the synthetic env
     :param batch_size: windows per update
@@ -385,6 +383,7 @@ def run_benchmark(
     :param max_reps: timed calls at most
     :param peak_size: side of the square reference matmul
     :param threads: ``torch.set_num_threads`` (None: leave as is)
+    :param compile: build the agents with ``compile=True`` (torch.compile of plan and update)
     :param verbose: print each row as it is measured
     :return: list of records (see ``RECORD_KEYS``, plus extra keys)
     """
@@ -398,6 +397,8 @@ def run_benchmark(
         torch.set_num_threads(threads)
     update_dtypes = list(dtypes) if update_dtypes is None else list(update_dtypes)
     overrides = dict(overrides or {})
+    if compile:
+        overrides["compile"] = True
     meta = {
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -407,14 +408,18 @@ def run_benchmark(
         "preset": preset,
         "obs_dim": obs_dim,
         "action_dim": action_dim,
+        "compiled": compile,
     }
     if overrides:
         meta["overrides"] = {k: repr(v) for k, v in overrides.items()}
     records: list[dict[str, Any]] = []
 
     def measure(what_: str, fn: Callable[[], Any], size, n, dtype: str, device: torch.device, rows: int,
-                mlp_dim: int, extra: dict[str, Any]) -> dict[str, Any]:
-        flops, per_op = count_flops(fn)  # also the first warm-up call
+                mlp_dim: int, extra: dict[str, Any], count_fn: Optional[Callable[[], Any]] = None) -> dict[str, Any]:
+        flops, per_op = count_flops(count_fn or fn)  # also the first warm-up call (eager path if compiled)
+        if count_fn is not None:
+            for _ in range(2):  # compiles (the first call of a compiled plan has no warm start, the rest do)
+                fn()
         times = time_calls(fn, device, warmup, min_reps, min_time, max_reps)
         ms = 1e3 * statistics.median(times)
         side = peak_size if device.type == "cpu" else max(peak_size, 8192)  # a GPU needs a bigger matmul to peak
@@ -453,31 +458,42 @@ def run_benchmark(
                     def plan_once() -> None:
                         state["warm"] = model.policy.plan(obs, state["warm"]).mean
 
+                    def plan_eager() -> None:  # the same call without torch.compile (to count FLOPs)
+                        noise = planner.draw_noise(n, action_dim, model.policy.model.num_q, device)
+                        model.policy._plan_core(obs, state["warm"], False, noise, planner, None)
+
                     mlp_dim = model.policy.model.dynamics[1].out_features
                     measure("plan", plan_once, size, n, dtype, device, n * planner.num_samples, mlp_dim, {
                         "num_samples": planner.num_samples, "iterations": planner.iterations,
                         "horizon": planner.horizon, "num_q": model.policy.model.num_q,
                         "gflop_analytic": analytic_plan_flops(model.policy.model, planner, n) / 1e9,
-                    })
+                    }, count_fn=plan_eager if compile else None)
                     del model
             n0 = n_envs[0]
             for dtype in update_dtypes if ("update" in what or "reanalyze" in what) else []:
-                model = make_model(size, n0, "fp32", dev_name, obs_dim, action_dim, preset,
-                                   **{**overrides, "reanalyze_interval": 0, "batch_size": batch_size})
+                model = make_model(size, n0, dtype, dev_name, obs_dim, action_dim, preset,
+                                   **{**overrides, "reanalyze_interval": 0, "batch_size": batch_size,
+                                      "update_dtype": PLANNER_DTYPES[dtype]})
                 fill_replay_buffer(model)
                 model.policy.set_training_mode(True)
                 mlp_dim = model.policy.model.dynamics[1].out_features
                 H = model.horizon
-                note = "" if dtype == "fp32" else "benchmark-only: torch.autocast(bf16) around an fp32 update"
                 if "update" in what:
                     def update_once() -> None:
-                        with _autocast(device, dtype):
+                        model._update(batch_size, pretrain=False)
+
+                    def update_eager() -> None:  # the same update without torch.compile (to count FLOPs)
+                        fns = model._update_fns
+                        model._update_fns = model._build_update_fns(False, device, DTYPES[dtype])
+                        try:
                             model._update(batch_size, pretrain=False)
+                        finally:
+                            model._update_fns = fns
 
                     measure("update", update_once, size, n0, dtype, device, H * batch_size, mlp_dim, {
                         "batch_size": batch_size, "num_q": model.policy.model.num_q, "horizon": H,
-                        "autocast": dtype != "fp32", "note": note or "reanalyze off (see the reanalyze rows)",
-                    })
+                        "update_dtype": PLANNER_DTYPES[dtype], "note": "reanalyze off (see the reanalyze rows)",
+                    }, count_fn=update_eager if compile else None)
                 if "reanalyze" in what:
                     batch = model.replay_buffer.sample(model.reanalyze_batch_size)
                     rp = model._reanalyze_planner
@@ -485,14 +501,13 @@ def run_benchmark(
                     # the update rows run with reanalyze off: its interval is the preset's (or the user's)
                     interval = int(overrides.get("reanalyze_interval", resolve_preset(preset)["reanalyze_interval"]))
 
-                    def reanalyze_once() -> None:
-                        with _autocast(device, dtype):
-                            model._reanalyze(batch)
+                    def reanalyze_once() -> None:  # the reanalyze planner is never compiled
+                        model._reanalyze(batch)
 
                     rec = measure("reanalyze", reanalyze_once, size, n0, dtype, device, n_states * rp.num_samples,
                                   mlp_dim, {
                                       "states": n_states, "num_samples": rp.num_samples, "iterations": rp.iterations,
-                                      "reanalyze_interval": interval, "autocast": dtype != "fp32",
+                                      "reanalyze_interval": interval,
                                   })
                     rec["amortized_ms"] = rec["ms"] / interval if interval else 0.0
                 del model
@@ -556,7 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-envs", type=csv(int), default=None, help="numbers of envs planned per call, e.g. 1,4,8,16")
     p.add_argument("--dtypes", type=csv(str), default=None, help="fp32,bf16 (bf16 plan = planner_dtype='bfloat16')")
     p.add_argument("--update-dtypes", type=csv(str), default=None,
-                   help="dtypes of update/reanalyze rows (default = --dtypes); bf16 = autocast, benchmark-only")
+                   help="dtypes of update/reanalyze rows (default = --dtypes); bf16 = update_dtype='bfloat16'")
+    p.add_argument("--compile", action="store_true",
+                   help="agents built with compile=True (torch.compile of plan and update; compiling is untimed)")
     p.add_argument("--what", type=csv(str), default=None, help="plan,update[,reanalyze]")
     p.add_argument("--obs-dim", type=int, default=17, help="observation size (17 = cheetah-run)")
     p.add_argument("--action-dim", type=int, default=6, help="action size (6 = cheetah-run)")
@@ -592,7 +609,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cpu {torch.backends.cpu.get_cpu_capability()}, obs {args.obs_dim} act {args.action_dim}, "
-          f"preset {args.preset}" + (f", overrides {overrides}" if overrides else ""),
+          f"preset {args.preset}" + (", compile=True" if args.compile else "")
+          + (f", overrides {overrides}" if overrides else ""),
           flush=True)
     if args.profile_only:
         _print_profiles(sizes[0], n_envs[0], args, overrides)
@@ -603,6 +621,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         update_dtypes=args.update_dtypes, obs_dim=args.obs_dim, action_dim=args.action_dim,
         batch_size=args.batch_size, preset=args.preset, overrides=overrides, warmup=warmup, min_reps=reps,
         min_time=min_time, max_reps=args.max_reps, peak_size=args.peak_size, threads=args.threads,
+        compile=args.compile,
     )
     busy = [r["busy_probe_us"] for r in records]
     if busy and max(busy) > 1000:
@@ -612,7 +631,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
               flush=True)
     print(f"# {len(records)} rows in {time.perf_counter() - t0:.0f} s. ms = median per call; GFLOP = counted matmul "
           "FLOPs per call; peak = dense square matmul, same dtype; layer = hidden-layer-shaped matmul; "
-          "bf16 update = autocast (benchmark-only)", flush=True)
+          "bf16 update = update_dtype='bfloat16'" + (", compiled" if args.compile else ", eager"), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

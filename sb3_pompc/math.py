@@ -17,6 +17,8 @@ __all__ = [
     "TwoHot",
     "soft_ce",
     "SimNorm",
+    "mish",
+    "Mish",
     "gaussian_kl",
     "squashed_gaussian_kl",
     "RunningScale",
@@ -96,6 +98,28 @@ class TwoHot(nn.Module):
 def soft_ce(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """Soft cross-entropy ``−Σ_k p_k · log_softmax(logits)_k`` per sample, shape (..., 1)."""
     return -(target_probs * F.log_softmax(logits.float(), dim=-1)).sum(-1, keepdim=True)
+
+
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """``Mish(x) = x · tanh(softplus(x)) = x · tanh(ln(1 + eˣ))``.
+
+    Eager PyTorch runs its native ``F.mish`` kernel. Under ``torch.compile`` the algebraically identical form
+    ``x · n / (n + 2)`` with ``n = eᵘ(eᵘ + 2)`` and ``u = min(x, 20)`` is traced instead (``tanh(ln(1+e)) = ((1+e)² −
+    1)/((1+e)² + 1)``): one ``exp`` instead of ``exp``, ``log1p`` and ``tanh``, which the compiler fuses with the
+    LayerNorm before it (~3× faster on CPU; for x > 20, n/(n+2) = 1 in float32, so the clamp changes nothing).
+    """
+    if torch.compiler.is_compiling():
+        e = torch.exp(x.clamp(max=20.0))
+        n = e * (e + 2.0)
+        return x * (n / (n + 2.0))
+    return F.mish(x)
+
+
+class Mish(nn.Module):
+    """Module form of :func:`mish`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mish(x)
 
 
 class SimNorm(nn.Module):

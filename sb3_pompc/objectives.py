@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sb3_pompc.math import TwoHot, gaussian_kl
-from sb3_pompc.world_model import WorldModel
+from sb3_pompc.world_model import PolicyOutput, WorldModel
 
 __all__ = [
     "rho_weights",
@@ -22,8 +22,11 @@ __all__ = [
     "model_based_v_target",
     "kl_value_target",
     "ensemble_soft_ce_loss",
+    "critic_targets",
     "world_model_loss",
     "prior_loss",
+    "prior_fit_loss",
+    "policy_terms",
     "policy_loss",
     "kl_coef_loss",
 ]
@@ -60,6 +63,28 @@ def model_based_v_target(model: WorldModel, z: torch.Tensor, gamma: float) -> to
     r = model.two_hot.decode(model.reward_logits(zf, a))
     v = model.critic_value(model.next(zf, a), reduce="avg", target=True)
     return (r + gamma * v).reshape(T, B, 1)
+
+
+@torch.no_grad()
+def critic_targets(
+    model: WorldModel, obs: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor, gamma: float, reduce: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder latents of a window and the critic targets of its H steps (no gradient):
+
+    Q critic (TD-MPC2): ``y_t = r_t + γ (1 − term_t) · Q̄_reduce(z_{t+1}, a')``, ``a' ~ π(z_{t+1})``, 2 random
+    target heads (:func:`td_target`); V critic (BMPC): :func:`model_based_v_target` on z_0..z_{H−1}.
+
+    :param obs: (H+1, B, obs_dim); :param rewards, terminated: (H, B, 1); :param reduce: "min" or "avg"
+    :return: encoder latents (H+1, B, L) and targets (H, B, 1)
+    """
+    H, B = rewards.shape[:2]
+    z_enc = model.encode(obs.reshape((H + 1) * B, -1)).reshape(H + 1, B, -1)
+    if model.critic_type == "q":
+        next_a = model.pi(z_enc[1:]).action
+        next_q = model.critic_value(z_enc[1:].reshape(H * B, -1), next_a.reshape(H * B, -1), reduce=reduce,
+                                    target=True).reshape(H, B, 1)
+        return z_enc, td_target(rewards, terminated, next_q, gamma)
+    return z_enc, model_based_v_target(model, z_enc[:-1], gamma)
 
 
 def kl_value_target(
@@ -162,6 +187,54 @@ def prior_loss(
     else:
         raise ValueError(f"prior direction must be 'forward' or 'reverse', got {direction!r}")
     return time_weighted_mean(kl, rho), kl
+
+
+def prior_fit_loss(
+    model: WorldModel, z: torch.Tensor, plan_mean: torch.Tensor, plan_std: torch.Tensor, direction: str, rho: float
+) -> torch.Tensor:
+    """:func:`prior_loss` of the prior head π_p evaluated on latents ``z`` (T, B, L) against π^P (T, B, A)."""
+    assert model.prior is not None
+    prior_mean, prior_std, _, _ = model.prior.gaussian(z)
+    return prior_loss(prior_mean, prior_std, plan_mean, plan_std, direction, rho)[0]
+
+
+def policy_terms(
+    model: WorldModel,
+    z: torch.Tensor,
+    plan_mean: torch.Tensor,
+    plan_std: torch.Tensor,
+    reference: str,
+    need_q: bool,
+) -> tuple[PolicyOutput, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """The terms of :func:`policy_loss` on latents ``z`` (T, B, L), ``a_t ~ π_s(z_t)`` reparameterised:
+
+    ``KL_t = KL(π_s(·|z_t) ‖ π_ref)`` with π_ref = the buffer's π^P (``reference="planner"``, first min(T, H)
+    latents) or the learned prior π_p(·|z_t) (no gradient into π_p);
+    ``Q̂_t = Q_avg(z_t, a_t)`` with 2 random heads and detached critic parameters (Q̃ if the model has it);
+    ``KL^P_t = KL(π_s ‖ π^P)`` (no gradient), the diagnostic against the raw planner stats.
+
+    :param plan_mean, plan_std: (H, B, A) buffer π^P
+    :param need_q: compute Q̂ (every finite λ)
+    :return: (π_s sample, KL (T', B, 1), Q̂ (T, B, 1) or None, KL^P (H, B, 1))
+    """
+    T, H = z.shape[0], plan_mean.shape[0]
+    out = model.pi(z)
+    if reference == "planner":
+        Tk = min(T, H)  # λ = 0 rolls H + 1 latents; π^P exists on the first H (KL logged only)
+        kl = gaussian_kl(out.mean[:Tk], out.std[:Tk], plan_mean[:Tk], plan_std[:Tk])
+    else:
+        assert model.prior is not None
+        with torch.no_grad():
+            pm, ps, _, _ = model.prior.gaussian(z)
+        kl = gaussian_kl(out.mean, out.std, pm, ps)
+    q = None
+    if need_q:
+        L, A = z.shape[-1], out.action.shape[-1]
+        q = model.critic_value(z.reshape(-1, L), out.action.reshape(-1, A), reduce="avg", detach=True,
+                               kl=model.kl_critic is not None).reshape(T, -1, 1)
+    with torch.no_grad():
+        kl_planner = gaussian_kl(out.mean[:H], out.std[:H], plan_mean, plan_std)
+    return out, kl, q, kl_planner
 
 
 def policy_loss(

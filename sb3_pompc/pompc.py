@@ -5,11 +5,12 @@ SB3 plumbing (acting, storing π^P, saving, logging) lives here; every equation 
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import random
 import zipfile
-from typing import Any, ClassVar, Optional, TypeVar, Union
+from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
 
 import gymnasium as gym
 import numpy as np
@@ -35,6 +36,20 @@ __all__ = ["POMPC"]
 SelfPOMPC = TypeVar("SelfPOMPC", bound="POMPC")
 
 PRIORS = ("planner", "forward", "reverse")
+
+
+UPDATE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _autocast(fn: Callable[..., Any], device_type: str, dtype: torch.dtype) -> Callable[..., Any]:
+    """``fn`` run under ``torch.autocast(device_type, dtype)`` (its backward runs outside, as autocast asks)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def parse_kl_coef(kl_coef: Union[float, str]) -> tuple[float, bool]:
@@ -214,8 +229,11 @@ class POMPC(OffPolicyAlgorithm):
     :param enc_lr_scale: encoder lr multiplier (0.3)
     :param grad_clip_norm: gradient clipping norm (20)
     :param planner_dtype: "float32" or "bfloat16" (mixed-precision planning)
-    :param compile: plan through ``torch.compile`` (same numbers as eager; CUDA graphs on GPU). The update stays
-        eager. Compilation takes tens of seconds on a CPU, so it pays off only for long runs
+    :param update_dtype: "float32" or "bfloat16": the update's forward passes under ``torch.autocast`` (matmuls in
+        bf16; LayerNorm, softmax, two-hot, losses and all Gaussian/KL math in fp32; fp32 weights and optimisers)
+    :param compile: plan and update through ``torch.compile`` (same numbers as eager up to float rounding; the
+        plan uses CUDA graphs on GPU). Compilation takes about a minute per shape on a CPU at model size 5, so it
+        pays off only for long runs
     :param replay_buffer_class: replay buffer class (a :class:`POMPCReplayBuffer` subclass)
     :param replay_buffer_kwargs: its keyword arguments
     :param policy_kwargs: extra policy keyword arguments
@@ -287,6 +305,7 @@ class POMPC(OffPolicyAlgorithm):
         enc_lr_scale: float = 0.3,
         grad_clip_norm: float = 20.0,
         planner_dtype: str = "float32",
+        update_dtype: str = "float32",
         compile: bool = False,
         action_noise: Optional[ActionNoise] = None,
         replay_buffer_class: Optional[type[ReplayBuffer]] = None,
@@ -314,6 +333,9 @@ class POMPC(OffPolicyAlgorithm):
             reanalyze_interval=reanalyze_interval,
         )
         self.preset = preset
+        if update_dtype not in UPDATE_DTYPES:
+            raise ValueError(f"update_dtype must be one of {sorted(UPDATE_DTYPES)}, got {update_dtype!r}")
+        self.update_dtype = update_dtype
         self._validate(cfg, kl_value, horizon, num_samples, num_elites, num_pi_trajs, target_kl, kl_warmup,
                        reanalyze_batch_size, learning_starts, pretrain_updates, gamma, batch_size, action_noise)
         if replay_buffer_class is not None and not issubclass(replay_buffer_class, POMPCReplayBuffer):
@@ -489,10 +511,31 @@ class POMPC(OffPolicyAlgorithm):
                 "num_pi_trajs": min(acting["num_pi_trajs"], samples - 1),
             }
         )
+        self._update_fns = self._build_update_fns(self.policy.compile, self.device, UPDATE_DTYPES[self.update_dtype])
         self._restore_rng_states()
 
+    @staticmethod
+    def _build_update_fns(compile_: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[..., Any]]:
+        """The forward passes of an update (targets, world-model loss, prior loss, policy terms); with
+        ``compile=True`` each goes through ``torch.compile`` (fused element-wise kernels, forward and backward).
+        Backward passes and optimiser steps stay eager; so does the optional Q̃ step (``kl_value``). No CUDA
+        graphs here: an update's outputs (logged losses) outlive the next replay of a graph."""
+        fns: dict[str, Callable[..., Any]] = {
+            "targets": obj.critic_targets,
+            "world_model": obj.world_model_loss,
+            "prior": obj.prior_fit_loss,
+            "policy": obj.policy_terms,
+        }
+        if dtype != torch.float32:
+            fns = {name: _autocast(fn, device.type, dtype) for name, fn in fns.items()}
+        if compile_:
+            # on CPU the compiler's own dropout RNG is scalar code, ~4x slower than ATen's bernoulli: use ATen's
+            options = {"fallback_random": True} if device.type == "cpu" else None
+            fns = {name: torch.compile(fn, dynamic=False, options=options) for name, fn in fns.items()}
+        return fns
+
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_reanalyze_planner", "_plan_mean", "_pending_plan"]
+        return [*super()._excluded_save_params(), "_reanalyze_planner", "_plan_mean", "_pending_plan", "_update_fns"]
 
     def _get_rng_states(self) -> dict[str, Any]:
         """The global RNG states (python, numpy, torch CPU and CUDA) and the action space's, saved with the model."""
@@ -707,21 +750,14 @@ class POMPC(OffPolicyAlgorithm):
         terminated = batch.terminated  # true terminations only: time-limit truncations bootstrap
         H, B = actions.shape[:2]
 
+        fns = self._update_fns
         # 1. targets (no grad, eval mode)
         model.eval()
-        with torch.no_grad():
-            z_enc = model.encode(obs.reshape((H + 1) * B, -1)).reshape(H + 1, B, -1)
-            if model.critic_type == "q":
-                next_a = model.pi(z_enc[1:]).action
-                next_q = model.critic_value(z_enc[1:].reshape(H * B, -1), next_a.reshape(H * B, -1),
-                                            reduce=self.cfg["target_reduce"], target=True).reshape(H, B, 1)
-                value_target = obj.td_target(rewards, terminated, next_q, self.gamma)
-            else:
-                value_target = obj.model_based_v_target(model, z_enc[:-1], self.gamma)
+        z_enc, value_target = fns["targets"](model, obs, rewards, terminated, self.gamma, self.cfg["target_reduce"])
 
         # 2. world model and critic
         model.train()
-        wm_loss, parts, zs = obj.world_model_loss(
+        wm_loss, parts, zs = fns["world_model"](
             model, obs, actions, rewards, terminated, value_target, z_enc[1:], self.rho, **self.loss_coefs
         )
         self._check_finite(wm_loss, "world-model loss")
@@ -736,10 +772,8 @@ class POMPC(OffPolicyAlgorithm):
         zs = zs.detach()
 
         # 3. prior π_p on buffer planner stats (its latents: the first H, where π^P exists)
-        prior_gauss = None
         if model.prior is not None:
-            pm, ps, _, _ = model.prior.gaussian(zs[:H])
-            p_loss, _ = obj.prior_loss(pm, ps, batch.plan_mean, batch.plan_std, self.prior, self.rho)
+            p_loss = fns["prior"](model, zs[:H], batch.plan_mean, batch.plan_std, self.prior, self.rho)
             self._check_finite(p_loss, "prior loss")
             policy.prior_optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
             p_loss.backward()
@@ -780,14 +814,12 @@ class POMPC(OffPolicyAlgorithm):
         # with the planner prior the KL exists on the first H latents only (as BMPC); otherwise all H + 1 (TD-MPC2)
         uses_planner_kl = self.prior == "planner" and (self.kl_coef_auto or self.kl_coef_init != 0.0)
         T = H if uses_planner_kl else H + 1
-        z = zs[:T]
-        out = model.pi(z)
+        out, kl, q, kl_raw = self._update_fns["policy"](
+            model, zs[:T], batch.plan_mean, batch.plan_std, "planner" if self.prior == "planner" else "prior",
+            not lam_is_inf,
+        )
         logs: dict[str, torch.Tensor] = {}
-        kl = self._kl_to_prior(out, z, batch, T)
-        q = None
-        if not lam_is_inf:
-            q = model.critic_value(z.reshape(-1, z.shape[-1]), out.action.reshape(-1, out.action.shape[-1]),
-                                   reduce="avg", detach=True, kl=model.kl_critic is not None).reshape(T, -1, 1)
+        if q is not None:
             policy.q_scale.update(q[0])
             logs["q_mean"] = q.detach().mean()
         else:
@@ -800,8 +832,6 @@ class POMPC(OffPolicyAlgorithm):
         torch.nn.utils.clip_grad_norm_(model.pi.parameters(), self.grad_clip_norm)
         policy.pi_optimizer.step()
         kl_d = kl.detach()
-        with torch.no_grad():
-            kl_raw = gaussian_kl(out.mean[:H], out.std[:H], batch.plan_mean, batch.plan_std)
         logs.update(
             policy_loss=loss.detach(), kl_mean=kl_d.mean(), kl_std=kl_d.std(), kl_planner_mean=kl_raw.mean(),
             kl_planner_std=kl_raw.std(), policy_std=out.std.detach().mean(), planner_std=batch.plan_std.mean(),

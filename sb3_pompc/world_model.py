@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sb3_pompc.math import SimNorm, TwoHot, gaussian_log_prob, scaled_entropy
+from sb3_pompc.math import Mish, SimNorm, mish, TwoHot, gaussian_log_prob, scaled_entropy
 
 __all__ = [
     "MODEL_SIZES",
@@ -56,7 +56,7 @@ class NormedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, dropout: float = 0.0, act: Optional[nn.Module] = None):
         super().__init__(in_features, out_features)
         self.ln = nn.LayerNorm(out_features)
-        self.act = nn.Mish() if act is None else act
+        self.act = Mish() if act is None else act
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ class EnsembleMLP(nn.Module):
                     g, beta = g[heads], beta[heads]
                 if detach:
                     g, beta = g.detach(), beta.detach()
-                h = F.mish(torch.addcmul(beta, F.layer_norm(h, h.shape[-1:]), g))
+                h = mish(torch.addcmul(beta, F.layer_norm(h, h.shape[-1:]), g))
         return h
 
 
@@ -201,7 +201,7 @@ class PolicyHead(nn.Module):
 
     def gaussian(self, z: torch.Tensor, log_std_bounds: Optional[tuple[float, float]] = None):
         """:return: (mean = tanh(μ_raw), std, log_std, μ_raw)"""
-        mu_raw, s_raw = self.net(z).chunk(2, dim=-1)
+        mu_raw, s_raw = self.net(z).float().chunk(2, dim=-1)  # Gaussian math in fp32 under autocast
         lo, hi = log_std_bounds if log_std_bounds is not None else (self.log_std_min, self.log_std_max)
         log_std = lo + 0.5 * (hi - lo) * (torch.tanh(s_raw) + 1.0)
         return torch.tanh(mu_raw), log_std.exp(), log_std, mu_raw
@@ -375,8 +375,9 @@ class WorldModel(nn.Module):
         kl: bool = False,
         heads: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Scalar value from 2 random heads reduced by "min" or "avg" (spec §1.2), shape (N, 1)."""
-        if heads is None:
+        """Scalar value from 2 random heads reduced by "min" or "avg" (spec §1.2), shape (N, 1). With exactly 2
+        heads both are used without drawing (min and avg do not depend on their order)."""
+        if heads is None and self.num_q > 2:
             heads = self.random_heads(z.device)
         values = self.two_hot.decode(self.critic_logits(z, a, heads, target, detach, kl))
         return values.min(0).values if reduce == "min" else values.mean(0)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
+import pytest
 import torch
 
 from sb3_pompc import POMPC
+from sb3_pompc.benchmark import fill_replay_buffer
 
 TINY = dict(model_size=None, latent_dim=16, mlp_dim=16, enc_dim=16, num_q=2, num_samples=16, num_elites=4,
             num_pi_trajs=2, iterations=2, horizon=2, learning_starts=10, pretrain_updates=0)
@@ -25,3 +28,39 @@ def test_compiled_plan_equals_eager(randomize) -> None:
     for name in ("action", "plan_mean", "plan_std", "mean", "value"):
         a, b = getattr(compiled, name), getattr(eager, name)
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"{name}: compiled {a} != eager {b}"
+
+
+@pytest.mark.parametrize("update_dtype", ["float32", "bfloat16"])
+def test_compiled_update_equals_eager(update_dtype) -> None:
+    """``compile=True`` compiles the update's forward passes: one update from the same parameters, batch and RNG
+    state gives the eager losses and parameters (float tolerance), in fp32 and under bf16 autocast."""
+    kwargs = dict(TINY, seed=0, batch_size=8, learning_starts=0, update_dtype=update_dtype)
+    env = gym.make("Pendulum-v1")
+    eager = POMPC("MlpPolicy", env, compile=False, **kwargs)
+    compiled = POMPC("MlpPolicy", env, compile=True, **kwargs)
+    compiled.policy.load_state_dict(eager.policy.state_dict())
+    before = {k: v.detach().clone() for k, v in eager.policy.state_dict().items()}
+    results = []
+    for model in (eager, compiled):
+        fill_replay_buffer(model, seed=0)
+        model.policy.set_training_mode(True)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        logs = [model._update(8, pretrain=False) for _ in range(2)]
+        results.append((logs, {k: v.detach().clone() for k, v in model.policy.state_dict().items()}))
+    (logs_e, params_e), (logs_c, params_c) = results
+    tol = dict(atol=1e-4, rtol=1e-4) if update_dtype == "float32" else dict(atol=2e-2, rtol=2e-2)
+    for log_e, log_c in zip(logs_e, logs_c):
+        assert sorted(log_e) == sorted(log_c)
+        for key in log_e:
+            torch.testing.assert_close(log_c[key].float(), log_e[key].float(), **tol, msg=lambda m: f"{key}: {m}")
+    for key, value in params_e.items():
+        torch.testing.assert_close(params_c[key], value, **tol, msg=lambda m: f"{key}: {m}")
+    moved = [k for k in ("model.pi.net.0.weight", "model.dynamics.0.weight", "model.prior.net.0.weight")
+             if not torch.equal(params_e[k], before[k])]
+    assert len(moved) == 3, f"the updates should change π_s, the dynamics and the prior, changed: {moved}"
+
+
+def test_update_dtype_is_validated() -> None:
+    with pytest.raises(ValueError, match="update_dtype must be one of"):
+        POMPC("MlpPolicy", gym.make("Pendulum-v1"), update_dtype="float16", **TINY)

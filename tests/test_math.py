@@ -284,3 +284,22 @@ def test_gaussian_log_prob_and_scaled_entropy():
     torch.testing.assert_close(ent[ok], (-A * lp_g)[ok], rtol=1e-4, atol=1e-4)
     # exact formula −lp·(A·lp_g)/(lp + 1e-8)
     torch.testing.assert_close(ent, -lp * (A * lp_g) / (lp + 1e-8))
+
+
+def test_mish_compiled_form_matches_native() -> None:
+    """Eager ``mish`` is ``F.mish``; the form traced under torch.compile, ``x·n/(n+2)`` with ``n = eᵘ(eᵘ+2)``,
+    ``u = min(x, 20)``, agrees with it over the whole range (large |x| included) and has the same gradient."""
+    import torch.nn.functional as F
+
+    from sb3_pompc.math import mish
+
+    x = torch.cat([torch.linspace(-60.0, 60.0, 2001), torch.tensor([-1e4, -88.0, 19.9, 20.0, 20.1, 1e4])])
+    assert torch.equal(mish(x), F.mish(x))
+    compiled = torch.compile(mish, backend="aot_eager", dynamic=False)  # traces the compiled form, no C++ needed
+    xc = x.clone().requires_grad_(True)
+    xe = x.clone().requires_grad_(True)
+    yc, ye = compiled(xc), F.mish(xe)
+    torch.testing.assert_close(yc, ye, atol=1e-5, rtol=1e-5)
+    yc.sum().backward()
+    ye.sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, atol=1e-5, rtol=1e-5)

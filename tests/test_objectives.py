@@ -73,7 +73,7 @@ def _capture_value_target(monkeypatch, algo, batch) -> torch.Tensor:
         captured["y"] = value_target.detach().clone()
         raise _Stop
 
-    monkeypatch.setattr(obj, "world_model_loss", fake_world_model_loss)
+    monkeypatch.setitem(algo._update_fns, "world_model", fake_world_model_loss)
     monkeypatch.setattr(algo.replay_buffer, "sample", lambda *args, **kwargs: batch)
     with pytest.raises(_Stop):
         algo._update(batch.actions.shape[1], pretrain=False)
