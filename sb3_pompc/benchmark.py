@@ -460,7 +460,8 @@ def run_benchmark(
 
                     def plan_eager() -> None:  # the same call without torch.compile (to count FLOPs)
                         noise = planner.draw_noise(n, action_dim, model.policy.model.num_q, device)
-                        model.policy._plan_core(obs, state["warm"], False, noise, planner, None)
+                        with torch.no_grad():
+                            model.policy._plan_core(obs, state["warm"], False, noise, planner, None)
 
                     mlp_dim = model.policy.model.dynamics[1].out_features
                     measure("plan", plan_once, size, n, dtype, device, n * planner.num_samples, mlp_dim, {

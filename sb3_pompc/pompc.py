@@ -5,6 +5,7 @@ SB3 plumbing (acting, storing π^P, saving, logging) lives here; every equation 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import pathlib
@@ -534,6 +535,13 @@ class POMPC(OffPolicyAlgorithm):
             fns = {name: torch.compile(fn, dynamic=False, options=options) for name, fn in fns.items()}
         return fns
 
+    def _update_autocast(self) -> Any:
+        """Autocast context of the update's eager forward passes (the Q̃ step), as ``update_dtype`` asks."""
+        dtype = UPDATE_DTYPES[self.update_dtype]
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_reanalyze_planner", "_plan_mean", "_pending_plan", "_update_fns"]
 
@@ -855,7 +863,7 @@ class POMPC(OffPolicyAlgorithm):
         if T < 1:
             return {}
         lam = self._kl_coef_tensor()
-        with torch.no_grad():
+        with torch.no_grad(), self._update_autocast():
             z_next = z_enc[1 : T + 1]
             out = model.pi(z_next)
             if self.prior == "planner":
@@ -866,7 +874,8 @@ class POMPC(OffPolicyAlgorithm):
                                         reduce=self.cfg["target_reduce"], target=True, kl=True).reshape(T, -1, 1)
             y = obj.kl_value_target(rewards[:T], terminated[:T], q_next, next_kl, lam, self.gamma)
         z = z_enc[:T].reshape(-1, z_enc.shape[-1])
-        logits = model.critic_logits(z, batch.actions[:T].reshape(-1, batch.actions.shape[-1]), kl=True)
+        with self._update_autocast():
+            logits = model.critic_logits(z, batch.actions[:T].reshape(-1, batch.actions.shape[-1]), kl=True)
         loss = obj.ensemble_soft_ce_loss(logits.reshape(model.num_q, T, -1, logits.shape[-1]), y, model.two_hot, self.rho)
         self._check_finite(loss, "KL-critic loss")
         policy.kl_critic_optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]

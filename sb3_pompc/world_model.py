@@ -63,7 +63,7 @@ class NormedLinear(nn.Linear):
         x = super().forward(x)
         if self.dropout is not None:
             x = self.dropout(x)
-        return self.act(self.ln(x))
+        return self.act(self.ln(x.float()))  # LayerNorm (and what follows) in fp32 under autocast, a no-op otherwise
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: Optional[nn.Module] = None, dropout: float = 0.0):
@@ -156,7 +156,7 @@ class EnsembleMLP(nn.Module):
                     g, beta = g[heads], beta[heads]
                 if detach:
                     g, beta = g.detach(), beta.detach()
-                h = mish(torch.addcmul(beta, F.layer_norm(h, h.shape[-1:]), g))
+                h = mish(torch.addcmul(beta, F.layer_norm(h.float(), h.shape[-1:]), g))  # fp32 under autocast
         return h
 
 

@@ -109,3 +109,20 @@ def test_bad_arguments_are_refused():
         bm.run_benchmark(what=("plan", "train"), verbose=False)
     with pytest.raises(ValueError, match="unknown dtype"):
         bm.run_benchmark(dtypes=("fp16",), verbose=False)
+
+
+def test_cli_compile_rows(tmp_path):
+    """``--compile``: agents built with compile=True; FLOPs are counted on the eager path (same count). Plans only:
+    compiling an update takes about a minute on a CI core (the compiled update is checked in test_compile.py)."""
+    path = tmp_path / "bench.json"
+    common = ["--threads", "1", "--device", "cpu", "--sizes", "none", "--n-envs", "1", "--dtypes", "fp32",
+              "--what", "plan", "--batch-size", "8", "--reps", "2", "--min-time", "0", "--warmup", "0",
+              "--peak-size", "128", *TINY]
+    compiled = bm.main([*common, "--compile", "--json", str(path)])
+    eager = bm.main([*common, "--json", ""])
+    assert [r["compiled"] for r in json.loads(path.read_text())] == [True]
+    assert [r["compiled"] for r in eager] == [False]
+    for c, e in zip(compiled, eager):
+        assert (c["what"], c["n_envs"], c["dtype"]) == (e["what"], e["n_envs"], e["dtype"])
+        assert c["gflop"] == pytest.approx(e["gflop"], rel=1e-12) and c["gflop"] > 0
+        assert math.isfinite(c["ms"]) and c["ms"] > 0

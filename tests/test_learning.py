@@ -62,12 +62,16 @@ def _train(env_id: str, steps: int, seed: int, **kwargs) -> POMPC:
     return model
 
 
-@pytest.mark.parametrize("preset", ["pompc", "tdmpc2"])
-def test_pendulum_learns_fast(preset: str) -> None:
-    """CI-sized: 2.5k steps on Pendulum-v1 beat −700 (random actions score about −1200 here)."""
+BF16 = dict(planner_dtype="bfloat16", update_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("preset,extra", [("pompc", {}), ("tdmpc2", {}), ("pompc", BF16)], ids=["pompc", "tdmpc2", "pompc-bf16"])
+def test_pendulum_learns_fast(preset: str, extra: dict) -> None:
+    """CI-sized: 2.5k steps on Pendulum-v1 beat −700 (random actions score about −1200 here); also with bf16
+    planning and bf16 updates."""
     threshold = -700.0
     model = _train("Pendulum-v1", 2500, seed=0, preset=preset, learning_starts=500, pretrain_updates=200,
-                   **PENDULUM_SMALL)
+                   **PENDULUM_SMALL, **extra)
     score = _evaluate(model, "Pendulum-v1", episodes=5)
     baseline = _random_return("Pendulum-v1", episodes=5)
     assert baseline < threshold, f"random actions score {baseline:.0f}: the threshold {threshold} is too weak"
