@@ -53,6 +53,22 @@ def _autocast(fn: Callable[..., Any], device_type: str, dtype: torch.dtype) -> C
     return wrapped
 
 
+def check_compile_backend(device: torch.device) -> None:
+    """``compile=True`` on a CPU needs a C++ compiler (torch.compile's inductor backend generates C++): raise a clear
+    error before training rather than at the first plan."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler, or an inductor without this helper
+        raise ValueError(
+            f"compile=True on the CPU needs a C++ compiler for torch.compile's inductor backend, and none was found "
+            f"({type(exc).__name__}: {exc}). Install g++ (or set CXX), or use compile=False."
+        ) from exc
+
+
 def parse_kl_coef(kl_coef: Union[float, str]) -> tuple[float, bool]:
     """``kl_coef`` → (initial λ, learned). Accepts a float ≥ 0, ``float("inf")``, "inf", "auto" or "auto_<init>"."""
     if isinstance(kl_coef, str):
@@ -512,6 +528,8 @@ class POMPC(OffPolicyAlgorithm):
                 "num_pi_trajs": min(acting["num_pi_trajs"], samples - 1),
             }
         )
+        if self.policy.compile:
+            check_compile_backend(self.device)
         self._update_fns = self._build_update_fns(self.policy.compile, self.device, UPDATE_DTYPES[self.update_dtype])
         self._restore_rng_states()
 

@@ -64,3 +64,15 @@ def test_compiled_update_equals_eager(update_dtype) -> None:
 def test_update_dtype_is_validated() -> None:
     with pytest.raises(ValueError, match="update_dtype must be one of"):
         POMPC("MlpPolicy", gym.make("Pendulum-v1"), update_dtype="float16", **TINY)
+
+
+def test_compile_without_cxx_compiler_fails_before_training(monkeypatch) -> None:
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def missing() -> str:
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+        POMPC("MlpPolicy", gym.make("Pendulum-v1"), compile=True, device="cpu", **TINY)
+    POMPC("MlpPolicy", gym.make("Pendulum-v1"), compile=False, device="cpu", **TINY)  # eager needs none
