@@ -37,7 +37,8 @@ class POMPCPolicy(BasePolicy):
     :param planner_dtype: "float32" or "bfloat16" (autocast while planning; LayerNorm, softmax, two-hot
         expectations and MPPI statistics stay in fp32)
     :param compile: wrap the plan in ``torch.compile`` (CUDA graphs via "reduce-overhead" on GPU); the noise is
-        drawn eagerly, so the compiled plan gives the eager numbers up to float rounding
+        drawn eagerly, so the compiled plan gives the eager numbers up to float rounding. (:class:`POMPC` also
+        compiles its update's forward passes when this is set.)
     :param normalize_images: unused (image observations are not supported)
     """
 
