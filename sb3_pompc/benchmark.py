@@ -485,7 +485,7 @@ def run_benchmark(
 
                     def update_eager() -> None:  # the same update without torch.compile (to count FLOPs)
                         fns = model._update_fns
-                        model._update_fns = model._build_update_fns(False, device, DTYPES[dtype])
+                        model._update_fns = model._build_update_fns(False, device, PLANNER_DTYPES[dtype])
                         try:
                             model._update(batch_size, pretrain=False)
                         finally:

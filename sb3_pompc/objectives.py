@@ -26,6 +26,7 @@ __all__ = [
     "world_model_loss",
     "prior_loss",
     "prior_fit_loss",
+    "kl_to_reference",
     "policy_terms",
     "policy_loss",
     "kl_coef_loss",
@@ -198,6 +199,25 @@ def prior_fit_loss(
     return prior_loss(prior_mean, prior_std, plan_mean, plan_std, direction, rho)[0]
 
 
+def kl_to_reference(
+    model: WorldModel, out: PolicyOutput, z: torch.Tensor, plan_mean: torch.Tensor, plan_std: torch.Tensor,
+    reference: str,
+) -> torch.Tensor:
+    """``KL(π_s(·|z_t) ‖ π_ref)`` per latent: π_ref = the buffer's π^P (``reference="planner"``, on the first
+    min(T, T_P) latents, where π^P exists) or the learned prior π_p(·|z_t) (no gradient into π_p).
+
+    :param out: π_s on ``z`` (T, B, L); :param plan_mean, plan_std: (T_P, B, A) buffer π^P
+    :return: (min(T, T_P), B, 1) or (T, B, 1)
+    """
+    if reference == "planner":
+        T = min(z.shape[0], plan_mean.shape[0])
+        return gaussian_kl(out.mean[:T], out.std[:T], plan_mean[:T], plan_std[:T])
+    assert model.prior is not None
+    with torch.no_grad():
+        pm, ps, _, _ = model.prior.gaussian(z)
+    return gaussian_kl(out.mean, out.std, pm, ps)
+
+
 def policy_terms(
     model: WorldModel,
     z: torch.Tensor,
@@ -219,14 +239,7 @@ def policy_terms(
     """
     T, H = z.shape[0], plan_mean.shape[0]
     out = model.pi(z)
-    if reference == "planner":
-        Tk = min(T, H)  # λ = 0 rolls H + 1 latents; π^P exists on the first H (KL logged only)
-        kl = gaussian_kl(out.mean[:Tk], out.std[:Tk], plan_mean[:Tk], plan_std[:Tk])
-    else:
-        assert model.prior is not None
-        with torch.no_grad():
-            pm, ps, _, _ = model.prior.gaussian(z)
-        kl = gaussian_kl(out.mean, out.std, pm, ps)
+    kl = kl_to_reference(model, out, z, plan_mean, plan_std, reference)  # λ = 0 rolls H + 1 latents: KL on H
     q = None
     if need_q:
         L, A = z.shape[-1], out.action.shape[-1]

@@ -21,7 +21,14 @@ from sb3_pompc.world_model import WorldModel
 
 __all__ = ["POMPCPolicy", "MlpPolicy"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def autocast(device_type: str, dtype: str) -> Any:
+    """``torch.autocast(device_type, AUTOCAST_DTYPES[dtype])``, or a no-op context for float32."""
+    if AUTOCAST_DTYPES[dtype] == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[dtype])
 
 
 class POMPCPolicy(BasePolicy):
@@ -56,8 +63,8 @@ class POMPCPolicy(BasePolicy):
         normalize_images: bool = False,
     ) -> None:
         super().__init__(observation_space, action_space, squash_output=True, normalize_images=False)
-        if planner_dtype not in _DTYPES:
-            raise ValueError(f"planner_dtype must be one of {sorted(_DTYPES)}, got {planner_dtype!r}")
+        if planner_dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"planner_dtype must be one of {sorted(AUTOCAST_DTYPES)}, got {planner_dtype!r}")
         self.model_kwargs = dict(model_kwargs or {})
         self.planner_kwargs = dict(planner_kwargs or {})
         self.enc_lr_scale = enc_lr_scale
@@ -119,11 +126,6 @@ class POMPCPolicy(BasePolicy):
         )
         return data
 
-    def _autocast(self):
-        dtype = _DTYPES[self.planner_dtype]
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def obs_to_flat_tensor(self, observation: np.ndarray) -> tuple[torch.Tensor, bool]:
         """Observation(s) → float tensor (n, obs_dim) on the policy's device, and whether the input was batched."""
@@ -153,7 +155,7 @@ class POMPCPolicy(BasePolicy):
         return self._plan_core(obs, warm_mean, deterministic, noise, planner, pi_log_std_bounds)
 
     def _plan_core(self, obs, warm_mean, deterministic, noise, planner, pi_log_std_bounds) -> PlanResult:
-        with self._autocast():
+        with autocast(self.device.type, self.planner_dtype):
             z = self.model.encode(obs)
             return planner.plan(self.model, z, warm_mean, deterministic, noise, pi_log_std_bounds)
 

@@ -5,7 +5,6 @@ SB3 plumbing (acting, storing π^P, saving, logging) lives here; every equation 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import pathlib
@@ -26,9 +25,9 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_pompc import objectives as obj
 from sb3_pompc.buffers import POMPCReplayBuffer, POMPCReplayBufferSamples
-from sb3_pompc.math import discount_heuristic, gaussian_kl
+from sb3_pompc.math import discount_heuristic
 from sb3_pompc.planner import MPPIPlanner
-from sb3_pompc.policies import MlpPolicy, POMPCPolicy
+from sb3_pompc.policies import AUTOCAST_DTYPES, MlpPolicy, POMPCPolicy, autocast
 from sb3_pompc.presets import resolve_preset
 from sb3_pompc.world_model import model_size_config
 
@@ -39,15 +38,12 @@ SelfPOMPC = TypeVar("SelfPOMPC", bound="POMPC")
 PRIORS = ("planner", "forward", "reverse")
 
 
-UPDATE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def _autocast(fn: Callable[..., Any], device_type: str, dtype: torch.dtype) -> Callable[..., Any]:
-    """``fn`` run under ``torch.autocast(device_type, dtype)`` (its backward runs outside, as autocast asks)."""
+def _autocast(fn: Callable[..., Any], device_type: str, dtype: str) -> Callable[..., Any]:
+    """``fn`` run under :func:`~sb3_pompc.policies.autocast` (its backward runs outside, as autocast asks)."""
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type=device_type, dtype=dtype):
+        with autocast(device_type, dtype):
             return fn(*args, **kwargs)
 
     return wrapped
@@ -350,8 +346,8 @@ class POMPC(OffPolicyAlgorithm):
             reanalyze_interval=reanalyze_interval,
         )
         self.preset = preset
-        if update_dtype not in UPDATE_DTYPES:
-            raise ValueError(f"update_dtype must be one of {sorted(UPDATE_DTYPES)}, got {update_dtype!r}")
+        if update_dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"update_dtype must be one of {sorted(AUTOCAST_DTYPES)}, got {update_dtype!r}")
         self.update_dtype = update_dtype
         self._validate(cfg, kl_value, horizon, num_samples, num_elites, num_pi_trajs, target_kl, kl_warmup,
                        reanalyze_batch_size, learning_starts, pretrain_updates, gamma, batch_size, action_noise)
@@ -530,11 +526,11 @@ class POMPC(OffPolicyAlgorithm):
         )
         if self.policy.compile:
             check_compile_backend(self.device)
-        self._update_fns = self._build_update_fns(self.policy.compile, self.device, UPDATE_DTYPES[self.update_dtype])
+        self._update_fns = self._build_update_fns(self.policy.compile, self.device, self.update_dtype)
         self._restore_rng_states()
 
     @staticmethod
-    def _build_update_fns(compile_: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Callable[..., Any]]:
+    def _build_update_fns(compile_: bool, device: torch.device, dtype: str) -> dict[str, Callable[..., Any]]:
         """The forward passes of an update (targets, world-model loss, prior loss, policy terms); with
         ``compile=True`` each goes through ``torch.compile`` (fused element-wise kernels, forward and backward).
         Backward passes and optimiser steps stay eager; so does the optional Q̃ step (``kl_value``). No CUDA
@@ -545,7 +541,7 @@ class POMPC(OffPolicyAlgorithm):
             "prior": obj.prior_fit_loss,
             "policy": obj.policy_terms,
         }
-        if dtype != torch.float32:
+        if AUTOCAST_DTYPES[dtype] != torch.float32:
             fns = {name: _autocast(fn, device.type, dtype) for name, fn in fns.items()}
         if compile_:
             # on CPU the compiler's own dropout RNG is scalar code, ~4x slower than ATen's bernoulli: use ATen's
@@ -555,10 +551,7 @@ class POMPC(OffPolicyAlgorithm):
 
     def _update_autocast(self) -> Any:
         """Autocast context of the update's eager forward passes (the Q̃ step), as ``update_dtype`` asks."""
-        dtype = UPDATE_DTYPES[self.update_dtype]
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.device.type, self.update_dtype)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_reanalyze_planner", "_plan_mean", "_pending_plan", "_update_fns"]
@@ -822,14 +815,10 @@ class POMPC(OffPolicyAlgorithm):
             self._n_policy_updates += 1
         return logs
 
-    def _kl_to_prior(self, out, z: torch.Tensor, batch: POMPCReplayBufferSamples, T: int) -> torch.Tensor:
-        """KL(π_s ‖ π_ref) per latent, (T, B, 1): π_ref = buffer π^P (first H latents) or the learned prior π_p."""
-        if self.prior == "planner":
-            T = min(T, batch.plan_mean.shape[0])  # λ = 0 rolls H + 1 latents; π^P exists on the first H (KL logged only)
-            return gaussian_kl(out.mean[:T], out.std[:T], batch.plan_mean[:T], batch.plan_std[:T])
-        with torch.no_grad():
-            pm, ps, _, _ = self.policy.model.prior.gaussian(z)  # type: ignore[union-attr]
-        return gaussian_kl(out.mean, out.std, pm, ps)
+    @property
+    def _kl_reference(self) -> str:
+        """π_ref of every KL: "planner" (the buffer's π^P) or "prior" (the learned π_p)."""
+        return "planner" if self.prior == "planner" else "prior"
 
     def _policy_step(self, zs: torch.Tensor, batch: POMPCReplayBufferSamples) -> dict[str, torch.Tensor]:
         model, policy = self.policy.model, self.policy
@@ -841,8 +830,7 @@ class POMPC(OffPolicyAlgorithm):
         uses_planner_kl = self.prior == "planner" and (self.kl_coef_auto or self.kl_coef_init != 0.0)
         T = H if uses_planner_kl else H + 1
         out, kl, q, kl_raw = self._update_fns["policy"](
-            model, zs[:T], batch.plan_mean, batch.plan_std, "planner" if self.prior == "planner" else "prior",
-            not lam_is_inf,
+            model, zs[:T], batch.plan_mean, batch.plan_std, self._kl_reference, not lam_is_inf,
         )
         logs: dict[str, torch.Tensor] = {}
         if q is not None:
@@ -884,10 +872,8 @@ class POMPC(OffPolicyAlgorithm):
         with torch.no_grad(), self._update_autocast():
             z_next = z_enc[1 : T + 1]
             out = model.pi(z_next)
-            if self.prior == "planner":
-                next_kl = gaussian_kl(out.mean, out.std, batch.plan_mean[1 : T + 1], batch.plan_std[1 : T + 1])
-            else:
-                next_kl = self._kl_to_prior(out, z_next, batch, T)
+            next_kl = obj.kl_to_reference(model, out, z_next, batch.plan_mean[1 : T + 1], batch.plan_std[1 : T + 1],
+                                          self._kl_reference)
             q_next = model.critic_value(z_next.reshape(-1, z_next.shape[-1]), out.action.reshape(-1, out.action.shape[-1]),
                                         reduce=self.cfg["target_reduce"], target=True, kl=True).reshape(T, -1, 1)
             y = obj.kl_value_target(rewards[:T], terminated[:T], q_next, next_kl, lam, self.gamma)
