@@ -527,6 +527,8 @@ class POMPC(OffPolicyAlgorithm):
         if self.policy.compile:
             check_compile_backend(self.device)
         self._update_fns = self._build_update_fns(self.policy.compile, self.device, self.update_dtype)
+        # reanalyzed π^P on its way to the host buffer: (rows, envs, host tensor, CUDA event or None)
+        self._plan_writes: list[tuple[np.ndarray, np.ndarray, torch.Tensor, Any]] = []
         self._restore_rng_states()
 
     @staticmethod
@@ -554,7 +556,8 @@ class POMPC(OffPolicyAlgorithm):
         return autocast(self.device.type, self.update_dtype)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_reanalyze_planner", "_plan_mean", "_pending_plan", "_update_fns"]
+        return [*super()._excluded_save_params(), "_reanalyze_planner", "_plan_mean", "_pending_plan", "_update_fns",
+                "_plan_writes"]
 
     def _get_rng_states(self) -> dict[str, Any]:
         """The global RNG states (python, numpy, torch CPU and CUDA) and the action space's, saved with the model."""
@@ -709,7 +712,8 @@ class POMPC(OffPolicyAlgorithm):
         for _ in range(gradient_steps):
             logs.append(self._update(batch_size, pretrain=False))
         self._n_updates += len(logs)
-        self._record(logs)
+        self._record(logs)  # one host transfer: every reanalyze copy queued before it has run
+        self._flush_plan_writes()
 
     def _record(self, logs: list[dict[str, torch.Tensor]]) -> None:
         """Log the mean of every term over this call's updates (ONE host transfer for all of them)."""
@@ -735,6 +739,7 @@ class POMPC(OffPolicyAlgorithm):
     def _reanalyze(self, batch: POMPCReplayBufferSamples) -> POMPCReplayBufferSamples:
         """Lazy reanalyze (BMPC §4.4): re-plan obs[0..H−1] of the first windows with the current model (no warm
         start, exploration log σ bounds for the policy trajectories) and write π^P into the buffer and the batch."""
+        self._flush_plan_writes()
         H, nb = self.horizon, min(self.reanalyze_batch_size, batch.observations.shape[1])
         obs = batch.observations[:H, :nb].reshape(H * nb, -1)
         self.policy.set_training_mode(False)
@@ -744,11 +749,25 @@ class POMPC(OffPolicyAlgorithm):
         mean, std = res.plan_mean.reshape(H, nb, -1), res.plan_std.reshape(H, nb, -1)
         rows = batch.rows[:, :nb]
         envs = np.broadcast_to(batch.env_indices[None, :nb], rows.shape)
-        self.replay_buffer.update_plans(rows.reshape(-1), envs.reshape(-1), mean.reshape(H * nb, -1).cpu().numpy(),
-                                        std.reshape(H * nb, -1).cpu().numpy())
+        # to the host buffer without waiting: non-blocking copy now, written by ``_flush_plan_writes`` later
+        host = torch.cat([mean, std], dim=-1).reshape(H * nb, -1).to("cpu", non_blocking=True)
+        event = None
+        if mean.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._plan_writes.append((rows.reshape(-1), envs.reshape(-1), host, event))
         plan_mean, plan_std, has_plan = batch.plan_mean.clone(), batch.plan_std.clone(), batch.has_plan.clone()
         plan_mean[:, :nb], plan_std[:, :nb], has_plan[:, :nb] = mean, std, 1.0
         return batch._replace(plan_mean=plan_mean, plan_std=plan_std, has_plan=has_plan)
+
+    def _flush_plan_writes(self) -> None:
+        """Write the reanalyzed π^P copied by ``_reanalyze`` into the replay buffer (waits for each copy only)."""
+        for rows, envs, host, event in self._plan_writes:
+            if event is not None:
+                event.synchronize()
+            mean, std = np.split(host.numpy(), 2, axis=-1)
+            self.replay_buffer.update_plans(rows, envs, mean, std)
+        self._plan_writes.clear()
 
     def _kl_coef_tensor(self) -> Union[torch.Tensor, float]:
         if self._n_policy_updates < self.kl_warmup:

@@ -197,6 +197,11 @@ def test_reanalyze_overwrites_exactly_the_sampled_cells(randomize: Callable[...,
 
     torch.manual_seed(123)
     out = model._reanalyze(batch)
+    # the new π^P reaches the host buffer without a host sync: queued now, written by the next flush
+    assert len(model._plan_writes) == 1
+    assert np.array_equal(rb.plan_means, snap_mean) and np.array_equal(rb.has_plan, snap_has)
+    model._flush_plan_writes()
+    assert model._plan_writes == []
 
     written = np.zeros(snap_has.shape, dtype=bool)
     written[batch.rows[:, :nb], batch.env_indices[None, :nb]] = True
@@ -253,7 +258,11 @@ def test_update_reanalyzes_every_interval_and_never_while_pretraining(monkeypatc
 
     model.train(gradient_steps=0, batch_size=BATCH)  # the pretraining burst only
     assert model._pretrained and model._n_updates == 5 and at == []
+    has_plan_before = model.replay_buffer.has_plan.copy()
     model.train(gradient_steps=7, batch_size=BATCH)
+    # train() ends with every reanalyzed π^P written into the buffer (cells without a plan before now have one)
+    assert model._plan_writes == []
+    assert (model.replay_buffer.has_plan & ~has_plan_before).any()
     model.train(gradient_steps=5, batch_size=BATCH)
     assert model._n_policy_updates == 12
     assert at == [("policy", 3), ("policy", 6), ("policy", 9), ("policy", 12)]
