@@ -592,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print a torch.profiler breakdown (fp32, per call, mean of 3) of one plan and one update "
                         "of the first size and n_envs")
     p.add_argument("--profile-only", action="store_true", help="only the --profile breakdown, no timing table")
+    p.add_argument("--check-syncs", action="store_true",
+                   help="CUDA only: run plans and updates (lazy reanalyze included) of the first size and n_envs, "
+                        "for each dtype, under torch.cuda.set_sync_debug_mode('error'), then the timing table")
     return p
 
 
@@ -613,6 +616,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
           f"preset {args.preset}" + (", compile=True" if args.compile else "")
           + (f", overrides {overrides}" if overrides else ""),
           flush=True)
+    if args.check_syncs:
+        if "cuda" not in _devices(args.device):
+            raise SystemExit(
+                "--check-syncs needs a CUDA device (torch.cuda.set_sync_debug_mode); without one, "
+                "`pytest tests/test_host_sync.py` checks plan and update for host syncs on the meta device"
+            )
+        for dtype in dtypes:
+            check_cuda_syncs(sizes[0], n_envs[0], dtype, args, overrides)
     if args.profile_only:
         _print_profiles(sizes[0], n_envs[0], args, overrides)
         return []
@@ -640,6 +651,38 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     if args.profile:
         _print_profiles(sizes[0], n_envs[0], args, overrides)
     return records
+
+
+def check_cuda_syncs(size: Optional[int], n: int, dtype: str, args: argparse.Namespace,
+                     overrides: dict[str, Any]) -> None:
+    """Run 2 plans and 4 updates (reanalyze every 2nd update) on CUDA under ``set_sync_debug_mode("error")``:
+    any synchronising CUDA call inside them (``.item()``, a blocking copy, ``nonzero``, ...) raises.
+
+    Compiling, the first plans and updates (allocations) and the log transfer of ``train()`` run outside the check.
+    """
+    kwargs = {**overrides, "reanalyze_interval": 2, "reanalyze_batch_size": 2, "batch_size": args.batch_size,
+              "update_dtype": PLANNER_DTYPES[dtype], "compile": args.compile}
+    model = make_model(size, n, dtype, "cuda", args.obs_dim, args.action_dim, args.preset, **kwargs)
+    fill_replay_buffer(model)
+    obs = torch.randn(n, args.obs_dim, device="cuda")
+    warm = model.policy.plan(obs, None).mean
+    model.policy.set_training_mode(True)
+    for _ in range(4):
+        model._update(args.batch_size, pretrain=False)
+    model._flush_plan_writes()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            warm = model.policy.plan(obs, warm).mean.clone()
+        model.policy.set_training_mode(True)
+        for _ in range(4):
+            model._update(args.batch_size, pretrain=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    model._flush_plan_writes()
+    print(f"# no host sync: 2 plans and 4 updates (2 reanalyzes), size {size}, n_envs {n}, {dtype}"
+          + (", compiled" if args.compile else ""), flush=True)
 
 
 def _print_profiles(size: Optional[int], n: int, args: argparse.Namespace, overrides: dict[str, Any]) -> None:

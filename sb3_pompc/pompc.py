@@ -739,7 +739,7 @@ class POMPC(OffPolicyAlgorithm):
     def _reanalyze(self, batch: POMPCReplayBufferSamples) -> POMPCReplayBufferSamples:
         """Lazy reanalyze (BMPC §4.4): re-plan obs[0..H−1] of the first windows with the current model (no warm
         start, exploration log σ bounds for the policy trajectories) and write π^P into the buffer and the batch."""
-        self._flush_plan_writes()
+        self._flush_plan_writes(wait=False)
         H, nb = self.horizon, min(self.reanalyze_batch_size, batch.observations.shape[1])
         obs = batch.observations[:H, :nb].reshape(H * nb, -1)
         self.policy.set_training_mode(False)
@@ -760,14 +760,21 @@ class POMPC(OffPolicyAlgorithm):
         plan_mean[:, :nb], plan_std[:, :nb], has_plan[:, :nb] = mean, std, 1.0
         return batch._replace(plan_mean=plan_mean, plan_std=plan_std, has_plan=has_plan)
 
-    def _flush_plan_writes(self) -> None:
-        """Write the reanalyzed π^P copied by ``_reanalyze`` into the replay buffer (waits for each copy only)."""
-        for rows, envs, host, event in self._plan_writes:
-            if event is not None:
+    def _flush_plan_writes(self, wait: bool = True) -> None:
+        """Write the reanalyzed π^P copied by ``_reanalyze`` into the replay buffer, oldest first.
+
+        :param wait: wait for copies still running (for each copy only, not the whole device); False writes the
+            finished ones and keeps the others pending (no host sync)
+        """
+        while self._plan_writes:
+            rows, envs, host, event = self._plan_writes[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
                 event.synchronize()
             mean, std = np.split(host.numpy(), 2, axis=-1)
             self.replay_buffer.update_plans(rows, envs, mean, std)
-        self._plan_writes.clear()
+            self._plan_writes.pop(0)
 
     def _kl_coef_tensor(self) -> Union[torch.Tensor, float]:
         if self._n_policy_updates < self.kl_warmup:

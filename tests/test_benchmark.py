@@ -111,6 +111,12 @@ def test_bad_arguments_are_refused():
         bm.run_benchmark(dtypes=("fp16",), verbose=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_check_syncs_without_cuda_says_what_to_run_instead():
+    with pytest.raises(SystemExit, match="needs a CUDA device.*tests/test_host_sync.py"):
+        bm.main(["--check-syncs", "--device", "cpu", "--json", ""])
+
+
 def test_cli_compile_rows(tmp_path):
     """``--compile``: agents built with compile=True; FLOPs are counted on the eager path (same count). Plans only:
     compiling an update takes about a minute on a CI core (the compiled update is checked in test_compile.py)."""

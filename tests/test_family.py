@@ -247,6 +247,38 @@ def test_reanalyze_overwrites_exactly_the_sampled_cells(randomize: Callable[...,
     torch.testing.assert_close(out.plan_std[:, :nb], res.plan_std.reshape(H, nb, -1), rtol=0, atol=1e-6)
 
 
+def test_plan_writes_are_flushed_in_order_and_only_when_their_copy_has_run() -> None:
+    """``_flush_plan_writes(wait=False)`` writes the finished copies (oldest first) and stops at the first one still
+    running (no host sync); ``wait=True`` waits for that copy's event, then writes the rest."""
+
+    class Copy:  # a CUDA event stand-in
+        def __init__(self, done: bool) -> None:
+            self.done, self.waited = done, False
+
+        def query(self) -> bool:
+            return self.done
+
+        def synchronize(self) -> None:
+            self.waited, self.done = True, True
+
+    model = _manually_filled_two_env_model(reanalyze_interval=0)
+    rb = model.replay_buffer
+    rows, envs = np.array([7, 8]), np.array([0, 1])
+    first, second, third = Copy(True), Copy(False), Copy(True)
+    for value, event in ((0.1, first), (0.2, second), (0.3, third)):  # the same two cells, three times
+        host = torch.cat([torch.full((2, 1), value), torch.full((2, 1), 1.0 + value)], dim=-1)
+        model._plan_writes.append((rows, envs, host, event))
+
+    model._flush_plan_writes(wait=False)
+    assert len(model._plan_writes) == 2 and not second.waited  # stopped at the running copy
+    np.testing.assert_allclose(rb.plan_means[rows, envs], [[0.1], [0.1]])
+    np.testing.assert_allclose(rb.plan_stds[rows, envs], [[1.1], [1.1]])
+    model._flush_plan_writes()
+    assert model._plan_writes == [] and second.waited and not third.waited
+    np.testing.assert_allclose(rb.plan_means[rows, envs], [[0.3], [0.3]], rtol=1e-6)  # the newest write wins
+    assert rb.has_plan[rows, envs].all()
+
+
 def test_update_reanalyzes_every_interval_and_never_while_pretraining(monkeypatch: pytest.MonkeyPatch) -> None:
     """``_update`` calls ``_reanalyze`` exactly at policy updates k·interval (3rd, 6th, 9th, 12th), never in the
     pretraining burst (where the policy-update counter stays 0, and 0 % interval == 0), and trains on the batch it
