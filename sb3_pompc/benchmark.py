@@ -64,6 +64,7 @@ __all__ = [
     "matmul_gflops",
     "analytic_plan_flops",
     "profile_breakdown",
+    "check_syncs",
     "contention_probe",
     "run_benchmark",
     "format_table",
@@ -623,7 +624,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                 "`pytest tests/test_host_sync.py` checks plan and update for host syncs on the meta device"
             )
         for dtype in dtypes:
-            check_cuda_syncs(sizes[0], n_envs[0], dtype, args, overrides)
+            check_syncs(sizes[0], n_envs[0], dtype, "cuda", args.obs_dim, args.action_dim, args.preset,
+                        args.batch_size, args.compile, **overrides)
+            print(f"# no host sync: 2 plans and 4 updates (2 reanalyzes), size {sizes[0]}, n_envs {n_envs[0]}, "
+                  f"{dtype}" + (", compiled" if args.compile else ""), flush=True)
     if args.profile_only:
         _print_profiles(sizes[0], n_envs[0], args, overrides)
         return []
@@ -653,36 +657,54 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     return records
 
 
-def check_cuda_syncs(size: Optional[int], n: int, dtype: str, args: argparse.Namespace,
-                     overrides: dict[str, Any]) -> None:
-    """Run 2 plans and 4 updates (reanalyze every 2nd update) on CUDA under ``set_sync_debug_mode("error")``:
+def check_syncs(
+    size: Optional[int],
+    n_envs: int,
+    dtype: str = "fp32",
+    device: str = "cuda",
+    obs_dim: int = 17,
+    action_dim: int = 6,
+    preset: str = "pompc",
+    batch_size: int = 256,
+    compile: bool = False,
+    **overrides: Any,
+) -> POMPC:
+    """Run 2 plans and 4 updates (lazy reanalyze every 2nd update) with CUDA's sync debug mode set to "error":
     any synchronising CUDA call inside them (``.item()``, a blocking copy, ``nonzero``, ...) raises.
 
-    Compiling, the first plans and updates (allocations) and the log transfer of ``train()`` run outside the check.
+    Compiling, the first plan and updates (allocations) and the final flush of the reanalyze write-back run outside
+    the check. On a device other than CUDA the same calls run unchecked (``tests/test_host_sync.py`` is the check
+    without a GPU).
+
+    :param dtype: "fp32" or "bf16" (planner and update dtype)
+    :param device: torch device
+    :return: the agent, after the calls
     """
-    kwargs = {**overrides, "reanalyze_interval": 2, "reanalyze_batch_size": 2, "batch_size": args.batch_size,
-              "update_dtype": PLANNER_DTYPES[dtype], "compile": args.compile}
-    model = make_model(size, n, dtype, "cuda", args.obs_dim, args.action_dim, args.preset, **kwargs)
+    kwargs = {"reanalyze_interval": 2, "reanalyze_batch_size": 2, **overrides, "batch_size": batch_size,
+              "update_dtype": PLANNER_DTYPES[dtype], "compile": compile}
+    model = make_model(size, n_envs, dtype, device, obs_dim, action_dim, preset, **kwargs)
     fill_replay_buffer(model)
-    obs = torch.randn(n, args.obs_dim, device="cuda")
+    obs = torch.randn(n_envs, obs_dim, device=device)
     warm = model.policy.plan(obs, None).mean
     model.policy.set_training_mode(True)
     for _ in range(4):
-        model._update(args.batch_size, pretrain=False)
+        model._update(batch_size, pretrain=False)
     model._flush_plan_writes()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(2):
             warm = model.policy.plan(obs, warm).mean.clone()
         model.policy.set_training_mode(True)
         for _ in range(4):
-            model._update(args.batch_size, pretrain=False)
+            model._update(batch_size, pretrain=False)
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
     model._flush_plan_writes()
-    print(f"# no host sync: 2 plans and 4 updates (2 reanalyzes), size {size}, n_envs {n}, {dtype}"
-          + (", compiled" if args.compile else ""), flush=True)
+    return model
 
 
 def _print_profiles(size: Optional[int], n: int, args: argparse.Namespace, overrides: dict[str, Any]) -> None:

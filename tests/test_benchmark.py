@@ -117,6 +117,20 @@ def test_check_syncs_without_cuda_says_what_to_run_instead():
         bm.main(["--check-syncs", "--device", "cpu", "--json", ""])
 
 
+def test_check_syncs_runs_plans_updates_and_reanalyzes_on_cpu(monkeypatch):
+    """The --check-syncs routine (CUDA's sync debug mode) runs unchecked on CPU: 4 warm-up and 4 checked updates,
+    a reanalyze every 2nd, and each reanalyze's write-back lands in the buffer, none left pending."""
+    from sb3_pompc.buffers import POMPCReplayBuffer
+
+    writes = []
+    original = POMPCReplayBuffer.update_plans
+    monkeypatch.setattr(POMPCReplayBuffer, "update_plans", lambda self, *a: writes.append(len(a[0])) or original(self, *a))
+    model = bm.check_syncs(None, 2, "fp32", "cpu", obs_dim=5, action_dim=2, batch_size=16, latent_dim=16, mlp_dim=16,
+                           enc_dim=16, num_samples=16, num_elites=4, num_pi_trajs=2, iterations=1)
+    assert model._n_policy_updates == 8 and model._plan_writes == []
+    assert model.reanalyze_interval == 2 and writes == [3 * 2] * 4  # 4 reanalyzes of H × 2 states
+
+
 def test_cli_compile_rows(tmp_path):
     """``--compile``: agents built with compile=True; FLOPs are counted on the eager path (same count). Plans only:
     compiling an update takes about a minute on a CI core (the compiled update is checked in test_compile.py)."""
