@@ -224,7 +224,8 @@ def analytic_plan_flops(model: WorldModel, planner: Any, n: int) -> int:
 
     encoder(n) + policy trajectories [H · π(n·P) + (H − 1) · d(n·P)] + iterations · [H · (R + d)(n·N) + π(n·N)
     (Q critic) + 2 critic heads (n·N)] (+ termination head H · (n·N) per iteration when episodic); a linear layer
-    of a batch of ``r`` rows costs ``2·r·in·out``.
+    of a batch of ``r`` rows costs ``2·r·in·out``. At the first step of the rollout the first layers of R and d
+    take the latent part once per state: ``2·n·L·M + 2·n·N·A·M`` instead of ``2·n·N·(L + A)·M``.
     """
     H, I, N, P = planner.horizon, planner.iterations, planner.num_samples, planner.num_pi_trajs
     enc, dyn, rew, pi = (_mlp_dims(m) for m in (model.encoder, model.dynamics, model.reward, model.pi.net))
@@ -233,6 +234,9 @@ def analytic_plan_flops(model: WorldModel, planner: Any, n: int) -> int:
     if P > 0:
         flops += H * _linear_flops(n * P, pi) + (H - 1) * _linear_flops(n * P, dyn)
     per_iter = H * (_linear_flops(n * N, rew) + _linear_flops(n * N, dyn)) + 2 * _linear_flops(n * N, critic)
+    L, A = model.latent_dim, model.action_dim
+    for net in (rew, dyn):  # first step: shared latent part of the first layer
+        per_iter += _linear_flops(n, [L, net[1]]) + _linear_flops(n * N, [A, net[1]]) - _linear_flops(n * N, net[:2])
     if model.critic_type == "q":
         per_iter += _linear_flops(n * N, pi)
     if model.termination is not None:

@@ -112,14 +112,20 @@ class MPPIPlanner:
         """``G = Σ_t γ^t r̂(z_t, a_t)`` + ``γ^H · V(z_H)`` (Q critic: ``Q_avg(z_H, π(z_H))``; V critic: ``V_avg(z_H)``),
         with a (1 − terminated) mask when the model has a termination head.
 
-        :param z: (M, L) start latents; :param actions: (H, M, A); :return: (M, 1)
+        :param z: (n, L) start latents, shared by the N action sequences of each; :param actions: (H, n, N, A);
+        :return: (n·N, 1)
         """
-        G = torch.zeros(z.shape[0], 1, device=z.device)
+        H, n, N, A = actions.shape
+        G = torch.zeros(n * N, 1, device=z.device)
         alive = torch.ones_like(G) if model.termination is not None else None
         discount = 1.0
-        for t in range(actions.shape[0]):
-            r = model.two_hot.decode(model.reward_logits(z, actions[t]))
-            z = model.next(z, actions[t])
+        for t in range(H):
+            if t == 0:  # every sequence of a state starts from its latent: its part of the first layers once
+                r_logits, z = model.step_from_shared(z, actions[0])
+            else:
+                a = actions[t].reshape(n * N, A)
+                r_logits, z = model.reward_logits(z, a), model.next(z, a)
+            r = model.two_hot.decode(r_logits)
             if alive is not None:
                 G = G + discount * alive * r
                 alive = alive * (model.termination_logits(z) <= 0).float()
@@ -173,15 +179,12 @@ class MPPIPlanner:
         if warm_mean is not None:
             mean[:-1] = warm_mean.transpose(0, 1)[1:]
         std = torch.full((H, n, A), self.max_std, device=z.device)
-        z_all = z.unsqueeze(1).expand(n, N, -1).reshape(n * N, -1)
         actions = torch.empty(H, n, N, A, device=z.device)
         actions[:, :, :P] = pi_actions
 
         for i in range(self.iterations):
             actions[:, :, P:] = (mean.unsqueeze(2) + std.unsqueeze(2) * noise.act_eps[i]).clamp_(-1.0, 1.0)
-            value = self._rollout_value(
-                model, z_all, actions.reshape(H, n * N, A), noise.term_eps[i].reshape(n * N, A), noise.heads[i]
-            )
+            value = self._rollout_value(model, z, actions, noise.term_eps[i].reshape(n * N, A), noise.heads[i])
             value = torch.nan_to_num(value.reshape(n, N), nan=0.0)
             elite_value, elite_idx = torch.topk(value, K, dim=1)  # (n, K)
             elite_actions = torch.gather(actions, 2, elite_idx[None, :, :, None].expand(H, n, K, A))  # (H, n, K, A)

@@ -60,10 +60,29 @@ class NormedLinear(nn.Linear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = super().forward(x)
+        return self.activate(super().forward(x))
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """What follows the linear map: dropout, LayerNorm, activation."""
         if self.dropout is not None:
             x = self.dropout(x)
         return self.act(self.ln(x.float()))  # LayerNorm (and what follows) in fp32 under autocast, a no-op otherwise
+
+
+def linear_of_shared_latent(layer: nn.Linear, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``layer(concat[z_i, a_ij])`` for N actions per latent, with the latent's part computed once per latent:
+    ``W·[z; a] + b = W_z·z + (W_a·a + b)``. Same map as the concatenated input (up to rounding), without
+    N copies of ``W_z·z``.
+
+    :param layer: a Linear over ``concat[z, a]`` (latent first)
+    :param z: (n, L) latents
+    :param a: (n, N, A) N actions per latent
+    :return: (n·N, out), fp32 (the two parts are added in fp32 under autocast)
+    """
+    L = z.shape[-1]
+    hz = F.linear(z, layer.weight[:, :L])  # (n, out)
+    ha = F.linear(a, layer.weight[:, L:], layer.bias)  # (n, N, out)
+    return (hz.float().unsqueeze(1) + ha.float()).reshape(-1, hz.shape[-1])
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: Optional[nn.Module] = None, dropout: float = 0.0):
@@ -333,6 +352,27 @@ class WorldModel(nn.Module):
 
     def reward_logits(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self.reward(torch.cat([z, a], dim=-1))
+
+    def step_from_shared(self, z: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward logits and next latents of N actions from each of n latents, equal to
+        ``reward_logits(z', a')`` and ``next(z', a')`` with ``z'`` = each latent repeated N times (the first step
+        of a plan), but the first layers' latent part is computed once per latent (:func:`linear_of_shared_latent`).
+
+        :param z: (n, L); :param a: (n, N, A); :return: reward logits (n·N, K), next latents (n·N, L)
+        """
+        cls = type(self)
+        if cls.next is not WorldModel.next or cls.reward_logits is not WorldModel.reward_logits:
+            # a subclass with its own dynamics or reward: use them on the repeated latents
+            n, N = a.shape[:2]
+            z_rep = z.unsqueeze(1).expand(n, N, -1).reshape(n * N, -1)
+            a_flat = a.reshape(n * N, -1)
+            return self.reward_logits(z_rep, a_flat), self.next(z_rep, a_flat)
+        out = []
+        for net in (self.reward, self.dynamics):
+            first = net[0]
+            h = linear_of_shared_latent(first, z, a)
+            out.append(net[1:](first.activate(h) if isinstance(first, NormedLinear) else h))
+        return out[0], out[1]
 
     def termination_logits(self, z: torch.Tensor) -> torch.Tensor:
         assert self.termination is not None

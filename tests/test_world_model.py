@@ -323,3 +323,26 @@ def test_learned_prior_head_has_the_policy_architecture(make_tiny_model):
     assert sum(p.numel() for p in model.prior.parameters()) == sum(p.numel() for p in model.pi.parameters())
     assert (model.prior.log_std_min, model.prior.log_std_max, model.prior.squash) == (-3.0, 1.0, "clamp")
     assert make_tiny_model().prior is None
+
+
+# ------------------------------------------------------------------------------------ first step of a plan
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_step_from_shared_latents_equals_the_repeated_latent_step(make_tiny_model, randomize, autocast_dtype):
+    """``step_from_shared(z, a)`` (the latent part of the first layers once per latent) gives the reward logits and
+    next latents of ``reward_logits``/``next`` on each latent repeated N times, row i·N + j = (z_i, a_ij)."""
+    model = randomize(make_tiny_model(), 0.3).eval()
+    n, N = 3, 7
+    z = model.encode(torch.randn(n, 5))
+    a = torch.rand(n, N, 3) * 2 - 1
+    z_rep = z.unsqueeze(1).expand(n, N, -1).reshape(n * N, -1)
+    a_flat = a.reshape(n * N, 3)
+    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+    with torch.no_grad(), ctx:
+        r_shared, z_shared = model.step_from_shared(z, a)
+        r_rep, z_next = model.reward_logits(z_rep, a_flat), model.next(z_rep, a_flat)
+    tol = dict(rtol=0, atol=1e-5) if autocast_dtype is None else dict(rtol=0, atol=5e-2)
+    torch.testing.assert_close(r_shared.float(), r_rep.float(), **tol)
+    torch.testing.assert_close(z_shared.float(), z_next.float(), **tol)
+    assert r_shared.shape == (n * N, r_rep.shape[-1]) and z_shared.shape == (n * N, z.shape[-1])
+    # not vacuous: the rows differ from each other (random weights), so a wrong row order would not match
+    assert (z_next[1:] - z_next[:-1]).abs().amax(dim=1).min() > 1e-4
