@@ -628,8 +628,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                 "`pytest tests/test_host_sync.py` checks plan and update for host syncs on the meta device"
             )
         for dtype in dtypes:
-            check_syncs(sizes[0], n_envs[0], dtype, "cuda", args.obs_dim, args.action_dim, args.preset,
-                        args.batch_size, args.compile, **overrides)
+            model = make_model(sizes[0], n_envs[0], dtype, "cuda", args.obs_dim, args.action_dim, args.preset, **{
+                "reanalyze_interval": 2, "reanalyze_batch_size": 2, **overrides, "batch_size": args.batch_size,
+                "update_dtype": PLANNER_DTYPES[dtype], "compile": args.compile})
+            check_syncs(model, args.batch_size)
             print(f"# no host sync: 2 plans and 4 updates (2 reanalyzes), size {sizes[0]}, n_envs {n_envs[0]}, "
                   f"{dtype}" + (", compiled" if args.compile else ""), flush=True)
     if args.profile_only:
@@ -661,40 +663,26 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     return records
 
 
-def check_syncs(
-    size: Optional[int],
-    n_envs: int,
-    dtype: str = "fp32",
-    device: str = "cuda",
-    obs_dim: int = 17,
-    action_dim: int = 6,
-    preset: str = "pompc",
-    batch_size: int = 256,
-    compile: bool = False,
-    **overrides: Any,
-) -> POMPC:
-    """Run 2 plans and 4 updates (lazy reanalyze every 2nd update) with CUDA's sync debug mode set to "error":
-    any synchronising CUDA call inside them (``.item()``, a blocking copy, ``nonzero``, ...) raises.
+def check_syncs(model: POMPC, batch_size: int = 256) -> None:
+    """Fill ``model``'s replay buffer, then run 2 plans (one state per env) and 4 updates with CUDA's sync debug
+    mode set to "error": any synchronising CUDA call inside them (``.item()``, a blocking copy, ``nonzero``, ...)
+    raises. Build the model with lazy reanalyze on (e.g. ``reanalyze_interval=2``) to check its write-back too.
 
     Compiling, the first plan and updates (allocations) and the final flush of the reanalyze write-back run outside
     the check. On a device other than CUDA the same calls run unchecked (``tests/test_host_sync.py`` is the check
     without a GPU).
 
-    :param dtype: "fp32" or "bf16" (planner and update dtype)
-    :param device: torch device
-    :return: the agent, after the calls
+    :param model: an agent from :func:`make_model`
+    :param batch_size: windows per update
     """
-    kwargs = {"reanalyze_interval": 2, "reanalyze_batch_size": 2, **overrides, "batch_size": batch_size,
-              "update_dtype": PLANNER_DTYPES[dtype], "compile": compile}
-    model = make_model(size, n_envs, dtype, device, obs_dim, action_dim, preset, **kwargs)
     fill_replay_buffer(model)
-    obs = torch.randn(n_envs, obs_dim, device=device)
+    obs = torch.randn(model.n_envs, *model.observation_space.shape, device=model.device)
     warm = model.policy.plan(obs, None).mean
     model.policy.set_training_mode(True)
     for _ in range(4):
         model._update(batch_size, pretrain=False)
     model._flush_plan_writes()
-    cuda = torch.device(device).type == "cuda"
+    cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -708,7 +696,6 @@ def check_syncs(
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
     model._flush_plan_writes()
-    return model
 
 
 def _print_profiles(size: Optional[int], n: int, args: argparse.Namespace, overrides: dict[str, Any]) -> None:

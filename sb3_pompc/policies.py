@@ -126,7 +126,6 @@ class POMPCPolicy(BasePolicy):
         )
         return data
 
-
     def obs_to_flat_tensor(self, observation: np.ndarray) -> tuple[torch.Tensor, bool]:
         """Observation(s) → float tensor (n, obs_dim) on the policy's device, and whether the input was batched."""
         obs_tensor, vectorized = self.obs_to_tensor(observation)

@@ -125,8 +125,10 @@ def test_check_syncs_runs_plans_updates_and_reanalyzes_on_cpu(monkeypatch):
     writes = []
     original = POMPCReplayBuffer.update_plans
     monkeypatch.setattr(POMPCReplayBuffer, "update_plans", lambda self, *a: writes.append(len(a[0])) or original(self, *a))
-    model = bm.check_syncs(None, 2, "fp32", "cpu", obs_dim=5, action_dim=2, batch_size=16, latent_dim=16, mlp_dim=16,
-                           enc_dim=16, num_samples=16, num_elites=4, num_pi_trajs=2, iterations=1)
+    model = bm.make_model(None, 2, "fp32", "cpu", 5, 2, reanalyze_interval=2, reanalyze_batch_size=2, batch_size=16,
+                          latent_dim=16, mlp_dim=16, enc_dim=16, num_samples=16, num_elites=4, num_pi_trajs=2,
+                          iterations=1)
+    bm.check_syncs(model, batch_size=16)
     assert model._n_policy_updates == 8 and model._plan_writes == []
     assert model.reanalyze_interval == 2 and writes == [3 * 2] * 4  # 4 reanalyzes of H × 2 states
 
