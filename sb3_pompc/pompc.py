@@ -25,7 +25,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_pompc import objectives as obj
 from sb3_pompc.buffers import POMPCReplayBuffer, POMPCReplayBufferSamples
-from sb3_pompc.math import discount_heuristic
+from sb3_pompc.math import SimNorm, discount_heuristic
 from sb3_pompc.planner import MPPIPlanner
 from sb3_pompc.policies import AUTOCAST_DTYPES, MlpPolicy, POMPCPolicy, autocast
 from sb3_pompc.presets import resolve_preset
@@ -217,6 +217,9 @@ class POMPC(OffPolicyAlgorithm):
     :param mlp_dim: overrides the preset's hidden size
     :param enc_dim: overrides the preset's encoder hidden size
     :param num_enc_layers: overrides the preset's encoder depth
+    :param simnorm_layout: "strided" (default) or "contiguous": which latent entries form a SimNorm group. The two
+        are the same model with its latent units relabelled (dense layers in and out, i.i.d. init); "contiguous"
+        is the spec's wording, "strided" lets the softmax vectorise (see :class:`~sb3_pompc.math.SimNorm`)
     :param num_q: critic heads (preset: 5, 2 for BMPC; model sizes 1 and 317 set 2 and 8)
     :param critic: "q" or "v" (BMPC's V critic with model-based target; needs λ = ∞)
     :param target_reduce: "min" (TD-MPC2) or "avg" (BMPC) over 2 random target heads
@@ -294,6 +297,7 @@ class POMPC(OffPolicyAlgorithm):
         mlp_dim: Optional[int] = None,
         enc_dim: Optional[int] = None,
         num_enc_layers: Optional[int] = None,
+        simnorm_layout: str = "strided",
         num_q: Optional[int] = None,
         critic: Optional[str] = None,
         target_reduce: Optional[str] = None,
@@ -389,6 +393,8 @@ class POMPC(OffPolicyAlgorithm):
             self._plan_mean, self._pending_plan = None, None
             return
         check_spaces(self.observation_space, self.action_space)
+        if simnorm_layout not in SimNorm.LAYOUTS:
+            raise ValueError(f"simnorm_layout must be one of {SimNorm.LAYOUTS}, got {simnorm_layout!r}")
         self.kl_coef_init, self.kl_coef_auto = parse_kl_coef(cfg["kl_coef"])
         self.kl_coef = cfg["kl_coef"]
         self.prior = cfg["prior"]
@@ -446,6 +452,7 @@ class POMPC(OffPolicyAlgorithm):
             learned_prior=self.prior in ("forward", "reverse"),
             kl_value=kl_value,
             critic_init=cfg["critic_init"],
+            simnorm_layout=simnorm_layout,
         )
         planner_kwargs = dict(
             horizon=horizon, iterations=self.iterations, num_samples=num_samples, num_elites=num_elites,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sb3_pompc.math import Mish, SimNorm, mish, TwoHot, gaussian_log_prob, scaled_entropy
+from sb3_pompc.math import Mish, SimNorm, hashed_dropout, mish, TwoHot, gaussian_log_prob, scaled_entropy
 
 __all__ = [
     "MODEL_SIZES",
@@ -169,7 +169,9 @@ class EnsembleMLP(nn.Module):
                 h = torch.baddbmm(b, h, w)
             if i < n_layers - 1:
                 if self.dropout > 0 and i == 0 and self.training:
-                    h = F.dropout(h, self.dropout, training=True)
+                    # CUDA: ATen's dropout (Philox, parallel); elsewhere the hashed mask (ATen's CPU RNG is serial)
+                    cuda = h.device.type == "cuda"
+                    h = F.dropout(h, self.dropout, training=True) if cuda else hashed_dropout(h, self.dropout)
                 g, beta = self.ln_weights[i], self.ln_biases[i]
                 if heads is not None:
                     g, beta = g[heads], beta[heads]
@@ -257,6 +259,9 @@ class WorldModel(nn.Module):
     :param num_q: critic ensemble size
     :param critic: "q" (Q(z, a), TD-MPC2) or "v" (V(z), BMPC)
     :param simnorm_dim: SimNorm group size
+    :param simnorm_layout: which entries form a SimNorm group: "contiguous" (the spec's wording, the default here
+        so that models saved before this option load unchanged) or "strided" (the same model with its latent
+        units relabelled, faster; what :class:`~sb3_pompc.POMPC` builds), see :class:`~sb3_pompc.math.SimNorm`
     :param num_bins: two-hot bins K
     :param vmin: lowest bin (symlog space)
     :param vmax: highest bin (symlog space)
@@ -281,6 +286,7 @@ class WorldModel(nn.Module):
         num_q: int = 5,
         critic: str = "q",
         simnorm_dim: int = 8,
+        simnorm_layout: str = "contiguous",
         num_bins: int = 101,
         vmin: float = -10.0,
         vmax: float = 10.0,
@@ -303,8 +309,8 @@ class WorldModel(nn.Module):
         self.obs_dim, self.action_dim, self.latent_dim = obs_dim, action_dim, latent_dim
         self.num_q, self.critic_type, self.episodic = num_q, critic, episodic
         L, A, M = latent_dim, action_dim, mlp_dim
-        self.encoder = mlp(obs_dim, max(num_enc_layers - 1, 1) * [enc_dim], L, act=SimNorm(simnorm_dim))
-        self.dynamics = mlp(L + A, [M, M], L, act=SimNorm(simnorm_dim))
+        self.encoder = mlp(obs_dim, max(num_enc_layers - 1, 1) * [enc_dim], L, act=SimNorm(simnorm_dim, simnorm_layout))
+        self.dynamics = mlp(L + A, [M, M], L, act=SimNorm(simnorm_dim, simnorm_layout))
         self.reward = mlp(L + A, [M, M], num_bins)
         self.mlp_dim = M
         self.termination = mlp(L, [M, M], 1) if episodic else None

@@ -15,6 +15,7 @@ import torch
 from sb3_pompc.math import (
     RunningScale,
     SimNorm,
+    hashed_dropout,
     TwoHot,
     discount_heuristic,
     gaussian_kl,
@@ -166,6 +167,60 @@ def test_simnorm_groups_of_8_sum_to_one():
     torch.testing.assert_close(y.sum(-1), torch.full((5, 4), 8.0))
     with pytest.raises(ValueError):
         SimNorm(8)(torch.randn(3, 12))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_simnorm_groups_entries_l_over_v_apart(dtype):
+    x = (torch.randn(5, 4, 64) * 4).to(dtype)
+    y = SimNorm(8, layout="strided")(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    # group g = entries g, g + 8, ..., g + 56: the softmax of the (8, 8) view's columns, in fp32
+    expected = torch.softmax(x.float().reshape(5, 4, 8, 8), dim=-2).reshape(5, 4, 64).to(dtype)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(y.float().reshape(5, 4, 8, 8).sum(-2), torch.ones(5, 4, 8), atol=2e-2, rtol=0)
+    # the same values as the contiguous layout applied to the relabelled vector
+    perm = 8 * (torch.arange(64) % 8) + torch.arange(64) // 8
+    torch.testing.assert_close(y, SimNorm(8)(x[..., perm.argsort()])[..., perm])
+    with pytest.raises(ValueError, match="layout must be one of"):
+        SimNorm(8, layout="rows")
+
+
+# ---------------------------------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("p", [0.01, 0.3])
+def test_hashed_dropout_is_bernoulli_inverted_dropout(p):
+    torch.manual_seed(0)
+    x = torch.randn(4, 256, 512)
+    n = x.numel()
+    ys = [hashed_dropout(x, p) for _ in range(3)]
+    masks = [(y != 0) for y in ys]
+    for y, m in zip(ys, masks):
+        # kept entries are scaled by 1/(1-p), dropped ones are 0
+        torch.testing.assert_close(y[m], x[m] / (1 - p))
+        rate = 1 - m.float().mean().item()
+        assert abs(rate - p) < 5 * (p * (1 - p) / n) ** 0.5, f"drop rate {rate} for p={p}"
+    # a new mask at every call, independent of the previous one: joint drop rate p², not p
+    both = (~masks[0] & ~masks[1]).float().mean().item()
+    assert abs(both - p * p) < 5 * (p * p / n) ** 0.5 + 1e-6, f"joint drop rate {both} for p={p}"
+    # independent along the flat index too (neighbours, rows, the next 512-block)
+    d = (~masks[0]).flatten().float()
+    for lag in (1, 2, 512, 256 * 512):
+        joint = (d[:-lag] * d[lag:]).mean().item()
+        assert abs(joint - p * p) < 5 * (p * p / n) ** 0.5 + 1e-6, f"lag {lag}: {joint}"
+    # the seed comes from torch's generator: reproducible under manual_seed
+    torch.manual_seed(7)
+    a = hashed_dropout(x, p)
+    torch.manual_seed(7)
+    assert torch.equal(a, hashed_dropout(x, p))
+    assert hashed_dropout(x.bfloat16(), p).dtype == torch.bfloat16
+
+
+def test_hashed_dropout_compiled_equals_eager():
+    x = torch.randn(3, 64, 32)
+    compiled = torch.compile(hashed_dropout, dynamic=False, options={"fallback_random": True})
+    torch.manual_seed(3)
+    eager = hashed_dropout(x, 0.2)
+    torch.manual_seed(3)
+    assert torch.equal(compiled(x, 0.2), eager)
 
 
 # ---------------------------------------------------------------------------------------------------- KL

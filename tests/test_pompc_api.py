@@ -284,6 +284,23 @@ def test_save_load_predict_identical(trained: dict[str, Any], tmp_path: Path) ->
     assert not np.array_equal(a_1, a_2)
 
 
+def test_simnorm_layout_is_saved_and_files_without_it_load_contiguous(tmp_path: Path) -> None:
+    """New agents use the strided SimNorm and save it in their policy kwargs; a file saved before the option
+    existed (no ``simnorm_layout`` in its model kwargs, contiguous groups) loads with contiguous groups, so it
+    computes what it computed when it was saved."""
+    new = POMPC("MlpPolicy", "Pendulum-v1", **TINY)
+    assert new.policy.model.encoder[-1].act.layout == "strided"
+    new.save(tmp_path / "new.zip")
+    assert POMPC.load(tmp_path / "new.zip").policy.model.dynamics[-1].act.layout == "strided"
+    old = POMPC("MlpPolicy", "Pendulum-v1", simnorm_layout="contiguous", **TINY)
+    del old.policy_kwargs["model_kwargs"]["simnorm_layout"]  # as written by earlier versions
+    old.save(tmp_path / "old.zip")
+    loaded = POMPC.load(tmp_path / "old.zip")
+    assert loaded.policy.model.encoder[-1].act.layout == "contiguous"
+    obs = torch.randn(4, 3)
+    torch.testing.assert_close(loaded.policy.model.encode(obs), old.policy.model.encode(obs), rtol=0, atol=0)
+
+
 def test_evaluate_policy_passes_state(trained: dict[str, Any]) -> None:
     """``evaluate_policy`` works and feeds the planner state and episode starts back into predict."""
     model: POMPC = trained["model"]
@@ -488,6 +505,7 @@ def test_dict_of_box_env_is_flattened_and_trains(tmp_path: Path) -> None:
         (dict(num_pi_trajs=32, num_samples=32), "num_pi_trajs \\(32\\) must be < num_samples"),
         (dict(critic="v", kl_coef=1.0), "critic='v'.*supports only kl_coef=inf"),
         (dict(kl_value=True, kl_coef=float("inf")), "kl_value=True needs a finite"),
+        (dict(simnorm_layout="blocked"), "simnorm_layout must be one of \\('contiguous', 'strided'\\)"),
     ],
 )
 def test_bad_hyperparameters_refused(kwargs: dict[str, Any], message: str) -> None:

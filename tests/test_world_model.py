@@ -346,3 +346,66 @@ def test_step_from_shared_latents_equals_the_repeated_latent_step(make_tiny_mode
     assert r_shared.shape == (n * N, r_rep.shape[-1]) and z_shared.shape == (n * N, z.shape[-1])
     # not vacuous: the rows differ from each other (random weights), so a wrong row order would not match
     assert (z_next[1:] - z_next[:-1]).abs().amax(dim=1).min() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------- SimNorm layout
+def _latent_permutation(L: int, V: int) -> torch.Tensor:
+    """``perm[s]`` = the contiguous-layout index of strided latent unit s: strided group g holds entries
+    g, g + L/V, …; contiguous group g holds V·g, …, V·g + V − 1."""
+    s = torch.arange(L)
+    return V * (s % (L // V)) + s // (L // V)
+
+
+def _relabel_latent(contiguous: WorldModel, strided: WorldModel, L: int, V: int) -> None:
+    """Copy the contiguous model into the strided one with its latent units relabelled: the rows of the two layers
+    that produce z (encoder and dynamics outputs, with their LayerNorm) and the latent columns of every layer that
+    reads z (dynamics, reward, termination, policies, critics)."""
+    perm = _latent_permutation(L, V)
+    produce = {"encoder.1", "dynamics.2"}  # last NormedLinear of each: Linear(·, L) → LN(L) → SimNorm
+    read_first = {"dynamics.0", "reward.0", "termination.0", "pi.net.0", "prior.net.0"}
+    with torch.no_grad():
+        for name, p in contiguous.named_parameters():
+            q = p.clone()
+            module = name.rsplit(".", 1)[0].removesuffix(".ln")
+            if module in produce:
+                q = q[perm]
+            elif module in read_first and name.endswith(".weight") and ".ln" not in name:
+                q[:, :L] = p[:, perm]
+            elif name.startswith(("critic.weights.0", "critic_target.weights.0", "kl_critic.weights.0",
+                                  "kl_critic_target.weights.0")):
+                q[:, :L] = p[:, perm]
+            strided.get_parameter(name).copy_(q)
+
+
+@pytest.mark.parametrize("critic", ["q", "v"])
+def test_strided_simnorm_is_the_contiguous_model_with_latent_units_relabelled(make_tiny_model, randomize, critic):
+    L, V = 32, 8
+    kw = dict(latent_dim=L, simnorm_dim=V, critic=critic, episodic=True, learned_prior=True, dropout=0.0)
+    torch.manual_seed(0)
+    contiguous = randomize(make_tiny_model(simnorm_layout="contiguous", **kw))
+    strided = make_tiny_model(simnorm_layout="strided", **kw)
+    _relabel_latent(contiguous, strided, L, V)
+    perm = _latent_permutation(L, V)
+    obs, a = torch.randn(16, 5), torch.rand(16, 3) * 2 - 1
+    z_c, z_s = contiguous.encode(obs), strided.encode(obs)
+    torch.testing.assert_close(z_s, z_c[:, perm])
+    # groups: contiguous sums to one over consecutive entries, strided over entries L/V apart
+    torch.testing.assert_close(z_c.reshape(16, L // V, V).sum(-1), torch.ones(16, L // V))
+    torch.testing.assert_close(z_s.reshape(16, V, L // V).sum(1), torch.ones(16, L // V))
+    torch.testing.assert_close(strided.next(z_s, a), contiguous.next(z_c, a)[:, perm])
+    torch.testing.assert_close(strided.reward_logits(z_s, a), contiguous.reward_logits(z_c, a))
+    torch.testing.assert_close(strided.termination_logits(z_s), contiguous.termination_logits(z_c))
+    for target in (False, True):
+        torch.testing.assert_close(strided.critic_logits(z_s, a, target=target),
+                                   contiguous.critic_logits(z_c, a, target=target))
+    for head in ("pi", "prior"):
+        for x, y in zip(getattr(strided, head).gaussian(z_s), getattr(contiguous, head).gaussian(z_c)):
+            torch.testing.assert_close(x, y)
+    # and the two layouts differ as maps of the same weights (the option is not a no-op)
+    strided.load_state_dict(contiguous.state_dict())
+    assert not torch.allclose(strided.encode(obs), contiguous.encode(obs))
+
+
+def test_simnorm_layout_is_validated(make_tiny_model):
+    with pytest.raises(ValueError, match="layout must be one of"):
+        make_tiny_model(simnorm_layout="blocked")
