@@ -133,7 +133,7 @@ class SimNorm(nn.Module):
     - ``"strided"``: group g = entries ``{g, g + L/V, g + 2·L/V, …}``, i.e. the softmax runs over dim −2 of the
       ``(…, V, L/V)`` view. Inside a network (dense layers in and out, i.i.d. init) it is the same model with its
       latent units relabelled; it is what :class:`~sb3_pompc.world_model.WorldModel` uses in new agents because
-      a softmax over 8 contiguous entries cannot be vectorised (~3× slower compiled, ~7× eager on a CPU).
+      a softmax over 8 contiguous entries cannot be vectorised (~3× slower compiled, ~2.4× eager on a CPU).
 
     :param dim: group size V (8 in TD-MPC2)
     :param layout: "contiguous" or "strided"
@@ -181,11 +181,11 @@ def hashed_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout ``x ⊙ m / (1 − p)`` with ``m_i = [u_i ≥ p]``, ``u_i = ⌊h_i / 2^8⌋ / 2^24`` and
     ``h_i = lowbias32((i · 0x9E3779B9) ⊕ s)``: the mask of element i (flat index) is a hash of i and of a seed s
     drawn from torch's generator at every call. ``u`` has the 24-bit resolution of ``torch.rand`` in float32, so
-    ``P(m_i = 0) = ⌈p · 2^24⌉ / 2^24`` (p up to 6e-8).
+    ``P(m_i = 0) = ⌈p · 2^24⌉ / 2^24`` (p rounded up to a multiple of 2^-24 ≈ 6e-8).
 
     Same distribution as ``F.dropout(x, p, training=True)``, different draws. On a CPU, ATen's dropout draws each
     element from one single-threaded mt19937 stream (3–8 ns per element on AMD CPUs, where ATen does not use MKL's
-    generator); this mask is element-wise integer work, 2× faster eager and fused into the neighbouring kernels
+    generator); this mask is element-wise integer work, ~2× faster eager and fused into the neighbouring kernels
     under ``torch.compile``, with identical masks eager and compiled.
 
     :param x: input (fewer than 2^31 elements)

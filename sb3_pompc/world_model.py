@@ -309,7 +309,8 @@ class WorldModel(nn.Module):
         self.obs_dim, self.action_dim, self.latent_dim = obs_dim, action_dim, latent_dim
         self.num_q, self.critic_type, self.episodic = num_q, critic, episodic
         L, A, M = latent_dim, action_dim, mlp_dim
-        self.encoder = mlp(obs_dim, max(num_enc_layers - 1, 1) * [enc_dim], L, act=SimNorm(simnorm_dim, simnorm_layout))
+        enc_hidden = max(num_enc_layers - 1, 1) * [enc_dim]
+        self.encoder = mlp(obs_dim, enc_hidden, L, act=SimNorm(simnorm_dim, simnorm_layout))
         self.dynamics = mlp(L + A, [M, M], L, act=SimNorm(simnorm_dim, simnorm_layout))
         self.reward = mlp(L + A, [M, M], num_bins)
         self.mlp_dim = M
