@@ -374,12 +374,9 @@ class WorldModel(nn.Module):
             z_rep = z.unsqueeze(1).expand(n, N, -1).reshape(n * N, -1)
             a_flat = a.reshape(n * N, -1)
             return self.reward_logits(z_rep, a_flat), self.next(z_rep, a_flat)
-        out = []
-        for net in (self.reward, self.dynamics):
-            first = net[0]
-            h = linear_of_shared_latent(first, z, a)
-            out.append(net[1:](first.activate(h) if isinstance(first, NormedLinear) else h))
-        return out[0], out[1]
+        # both first layers are NormedLinear (mlp with hidden layers): linear map, then its activate()
+        r, d = (net[1:](net[0].activate(linear_of_shared_latent(net[0], z, a))) for net in (self.reward, self.dynamics))
+        return r, d
 
     def termination_logits(self, z: torch.Tensor) -> torch.Tensor:
         assert self.termination is not None
