@@ -148,10 +148,19 @@ class EnsembleMLP(nn.Module):
                 self.ln_weights.append(nn.Parameter(torch.ones(num, 1, dims[i + 1])))
                 self.ln_biases.append(nn.Parameter(torch.zeros(num, 1, dims[i + 1])))
 
-    def forward(self, x: torch.Tensor, heads: Optional[torch.Tensor] = None, detach: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        heads: Optional[torch.Tensor] = None,
+        detach: bool = False,
+        x_tail: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """:param x: (N, in) input shared by all heads
         :param heads: indices of the heads to evaluate (None = all)
         :param detach: use detached parameters (gradient flows only into ``x``)
+        :param x_tail: (N, in − x.shape[-1]): the input is ``cat[x, x_tail]``, but the first layer computes
+            ``x @ W[:k] + x_tail @ W[k:]``, so autograd forms the input gradient only of the part that needs one
+            (the policy step: π's action carries the gradient, not the detached latent)
         :return: (num_heads, N, out)"""
         n_layers = len(self.weights)
         h = x
@@ -164,7 +173,13 @@ class EnsembleMLP(nn.Module):
             if i == 0:
                 # input shared by all heads: ONE GEMM (N, in) @ (in, E*out)
                 e, d_in, d_out = w.shape
-                h = (h @ w.permute(1, 0, 2).reshape(d_in, e * d_out)).reshape(-1, e, d_out).transpose(0, 1) + b
+                w = w.permute(1, 0, 2).reshape(d_in, e * d_out)
+                if x_tail is None:
+                    h = h @ w
+                else:
+                    k = h.shape[-1]
+                    h = torch.addmm(h @ w[:k], x_tail, w[k:])
+                h = h.reshape(-1, e, d_out).transpose(0, 1) + b
             else:
                 h = torch.baddbmm(b, h, w)
             if i < n_layers - 1:
@@ -401,13 +416,13 @@ class WorldModel(nn.Module):
 
         :param kl: use the KL-regularised critic Q̃ instead of the ordinary critic
         """
-        if kl:
-            net = self.kl_critic_target if target else self.kl_critic
-            x = torch.cat([z, a], dim=-1)
-        else:
-            net = self.critic_target if target else self.critic
-            x = torch.cat([z, a], dim=-1) if self.critic_type == "q" else z
-        return net(x, heads=heads, detach=detach)
+        net = (self.kl_critic_target if target else self.kl_critic) if kl else (
+            self.critic_target if target else self.critic)
+        if not kl and self.critic_type == "v":
+            return net(z, heads=heads, detach=detach)
+        if detach:  # gradient into the action only (policy step): z @ W_z + a @ W_a, no input gradient for z
+            return net(z, heads=heads, detach=True, x_tail=a)
+        return net(torch.cat([z, a], dim=-1), heads=heads, detach=detach)
 
     def critic_value(
         self,

@@ -184,6 +184,39 @@ def test_ensemble_heads_equal_independent_mlps_and_selected_heads(randomize):
     assert all(p.grad is None for p in ens.parameters())
 
 
+def test_split_first_layer_equals_the_concatenated_input(make_tiny_model, randomize):
+    """``x_tail``: ``x @ W[:k] + x_tail @ W[k:]`` is the layer on ``cat[x, x_tail]``, values and gradients."""
+    ens = randomize(EnsembleMLP(5, 7, [16, 16], K), 0.3).eval()
+    x, tail = torch.randn(11, 4), torch.randn(11, 3)
+    heads = torch.tensor([3, 1])
+    torch.testing.assert_close(ens(x, heads=heads, x_tail=tail), ens(torch.cat([x, tail], -1), heads=heads),
+                               rtol=1e-5, atol=1e-6)
+    # gradients into both parts (and into the parameters) equal those through the concatenated input
+    xs, ts = x.clone().requires_grad_(True), tail.clone().requires_grad_(True)
+    ens(xs, x_tail=ts).square().sum().backward()
+    split_grads = [p.grad.clone() for p in ens.parameters()]
+    ens.zero_grad()
+    xc = torch.cat([x, tail], -1).requires_grad_(True)
+    ens(xc).square().sum().backward()
+    torch.testing.assert_close(torch.cat([xs.grad, ts.grad], -1), xc.grad, rtol=1e-5, atol=1e-6)
+    for g, p in zip(split_grads, ens.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+    # the policy step's use: detached critic, detached latent, gradient into the action only
+    model = make_tiny_model(num_q=5)
+    randomize(model.critic, 0.3)
+    model.eval()  # no dropout masks: the two calls below compute the same function
+    z = model.encode(torch.randn(9, 5)).detach()
+    a = (torch.rand(9, 3) * 2 - 1).requires_grad_(True)
+    ref_a = a.detach().clone().requires_grad_(True)
+    q = model.critic_value(z, a, heads=heads, detach=True)
+    q_ref = model.critic_value(z, ref_a, heads=heads)  # concatenated input, parameters with gradient
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-6)
+    q.sum().backward()
+    q_ref.sum().backward()
+    torch.testing.assert_close(a.grad, ref_a.grad, rtol=1e-5, atol=1e-6)
+    assert a.grad.abs().sum() > 0
+
+
 def test_critic_value_reductions_over_given_heads(make_tiny_model, randomize, ref):
     model = make_tiny_model(num_q=5)
     randomize(model.critic, 0.3)
