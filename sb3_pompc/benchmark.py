@@ -17,6 +17,9 @@ What is timed (median of several calls after a warm-up):
 - ``--compile``: the same rows with ``POMPC(..., compile=True)`` (``torch.compile`` of the plan and of the
   update's forward passes); compilation happens in the untimed first calls, and FLOPs are counted on the eager
   path of the same model.
+- ``step`` (not in the default set): one plan of the first ``n_envs`` followed by one update, timed together,
+  i.e. one environment step of training (plan and update in the row's dtype). Use ``--min-time`` to time it over
+  a long stretch; the row also records ``ms_q25`` / ``ms_q75`` and prints min, quartiles and max.
 - ``reanalyze`` (not in the default set): one lazy-reanalyze call, i.e. one plan of ``horizon ·
   reanalyze_batch_size`` buffer states with ``reanalyze_num_samples`` samples. It runs every
   ``reanalyze_interval`` updates; ``amortized_ms`` is its cost per update.
@@ -73,7 +76,7 @@ __all__ = [
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PLANNER_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-WHATS = ("plan", "update", "reanalyze")
+WHATS = ("plan", "update", "step", "reanalyze")
 RECORD_KEYS = ("what", "model_size", "n_envs", "dtype", "device", "ms", "gflops", "peak_gflops")
 
 
@@ -190,6 +193,15 @@ def time_calls(
         _sync(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (linear interpolation between order statistics)."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
@@ -374,7 +386,8 @@ def run_benchmark(
     :param n_envs: numbers of environments planned in one batch
     :param dtypes: "fp32" and/or "bf16" for plans
     :param devices: torch devices
-    :param what: any of "plan", "update", "reanalyze"
+    :param what: any of "plan", "update", "step" (one plan of the first n_envs + one update, timed together: one
+        environment step of training), "reanalyze"
     :param update_dtypes: dtypes of the update and reanalyze rows (default: ``dtypes``); bf16 =
         ``update_dtype="bfloat16"`` (and ``planner_dtype`` for reanalyze)
     :param obs_dim: observation size of the synthetic env
@@ -439,6 +452,7 @@ def run_benchmark(
             "gflops": gflops, "peak_gflops": peak,
             "ratio": gflops / peak, "gflop": flops / 1e9, "flops_per_op": per_op, "peak_size": side,
             "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times), "reps": len(times),
+            "ms_q25": 1e3 * _quantile(times, 0.25), "ms_q75": 1e3 * _quantile(times, 0.75),
             "layer_gflops": layer, "layer_shape": [rows, mlp_dim, mlp_dim], **extra, **meta,
         }
         if what_ == "plan":
@@ -446,6 +460,9 @@ def run_benchmark(
         records.append(rec)
         if verbose:
             print(_format_row(rec), flush=True)
+            if what_ == "step":
+                print(f"#   step over {len(times)} calls: min {rec['ms_min']:.1f}, 25% {rec['ms_q25']:.1f}, median "
+                      f"{ms:.1f}, 75% {rec['ms_q75']:.1f}, max {rec['ms_max']:.1f} ms", flush=True)
         return rec
 
     if verbose:
@@ -476,7 +493,7 @@ def run_benchmark(
                     }, count_fn=plan_eager if compile else None)
                     del model
             n0 = n_envs[0]
-            for dtype in update_dtypes if ("update" in what or "reanalyze" in what) else []:
+            for dtype in update_dtypes if {"update", "step", "reanalyze"} & set(what) else []:
                 model = make_model(size, n0, dtype, dev_name, obs_dim, action_dim, preset,
                                    **{**overrides, "reanalyze_interval": 0, "batch_size": batch_size,
                                       "update_dtype": PLANNER_DTYPES[dtype]})
@@ -484,22 +501,42 @@ def run_benchmark(
                 model.policy.set_training_mode(True)
                 mlp_dim = model.policy.model.dynamics[1].out_features
                 H = model.horizon
-                if "update" in what:
-                    def update_once() -> None:
+                def update_once() -> None:
+                    model._update(batch_size, pretrain=False)
+
+                def update_eager() -> None:  # the same update without torch.compile (to count FLOPs)
+                    fns = model._update_fns
+                    model._update_fns = model._build_update_fns(False, device, PLANNER_DTYPES[dtype])
+                    try:
                         model._update(batch_size, pretrain=False)
+                    finally:
+                        model._update_fns = fns
 
-                    def update_eager() -> None:  # the same update without torch.compile (to count FLOPs)
-                        fns = model._update_fns
-                        model._update_fns = model._build_update_fns(False, device, PLANNER_DTYPES[dtype])
-                        try:
-                            model._update(batch_size, pretrain=False)
-                        finally:
-                            model._update_fns = fns
-
+                if "update" in what:
                     measure("update", update_once, size, n0, dtype, device, H * batch_size, mlp_dim, {
                         "batch_size": batch_size, "num_q": model.policy.model.num_q, "horizon": H,
                         "update_dtype": PLANNER_DTYPES[dtype], "note": "reanalyze off (see the reanalyze rows)",
                     }, count_fn=update_eager if compile else None)
+                if "step" in what:  # planner in the update's dtype (make_model's dtype sets both)
+                    obs0 = torch.randn(n0, obs_dim, device=device)
+                    state0 = {"warm": model.policy.plan(obs0, None).mean}
+                    planner0 = model.policy.planner
+
+                    def step_once() -> None:
+                        state0["warm"] = model.policy.plan(obs0, state0["warm"]).mean
+                        model._update(batch_size, pretrain=False)
+
+                    def step_eager() -> None:  # the same step without torch.compile (to count FLOPs)
+                        noise = planner0.draw_noise(n0, action_dim, model.policy.model.num_q, device)
+                        with torch.no_grad():
+                            model.policy._plan_core(obs0, state0["warm"], False, noise, planner0, None)
+                        update_eager()
+
+                    measure("step", step_once, size, n0, dtype, device, H * batch_size, mlp_dim, {
+                        "batch_size": batch_size, "num_q": model.policy.model.num_q, "horizon": H,
+                        "update_dtype": PLANNER_DTYPES[dtype], "num_samples": planner0.num_samples,
+                        "note": "one plan + one update (reanalyze off)",
+                    }, count_fn=step_eager if compile else None)
                 if "reanalyze" in what:
                     batch = model.replay_buffer.sample(model.reanalyze_batch_size)
                     rp = model._reanalyze_planner
@@ -580,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtypes of update/reanalyze rows (default = --dtypes); bf16 = update_dtype='bfloat16'")
     p.add_argument("--compile", action="store_true",
                    help="agents built with compile=True (torch.compile of plan and update; compiling is untimed)")
-    p.add_argument("--what", type=csv(str), default=None, help="plan,update[,reanalyze]")
+    p.add_argument("--what", type=csv(str), default=None,
+                   help="plan,update[,step][,reanalyze] (step = one plan + one update, timed together)")
     p.add_argument("--obs-dim", type=int, default=17, help="observation size (17 = cheetah-run)")
     p.add_argument("--action-dim", type=int, default=6, help="action size (6 = cheetah-run)")
     p.add_argument("--batch-size", type=int, default=256, help="windows per update")

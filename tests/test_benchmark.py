@@ -29,16 +29,16 @@ def test_cli_writes_schema(tmp_path, capsys):
     path = tmp_path / "bench.json"
     returned = bm.main([
         "--threads", "1", "--device", "cpu", "--sizes", "none", "--n-envs", "1,2", "--dtypes", "fp32,bf16",
-        "--update-dtypes", "fp32", "--what", "plan,update,reanalyze", "--batch-size", "8", "--reps", "2",
+        "--update-dtypes", "fp32", "--what", "plan,update,step,reanalyze", "--batch-size", "8", "--reps", "2",
         "--min-time", "0", "--warmup", "0", "--peak-size", "128", "--json", str(path), *TINY,
     ])
     records = json.loads(path.read_text())
     assert records == json.loads(json.dumps(returned))
-    # 2 n_envs x 2 dtypes plans, 1 update, 1 reanalyze
+    # 2 n_envs x 2 dtypes plans, 1 update, 1 step, 1 reanalyze
     kinds = sorted((r["what"], r["n_envs"], r["dtype"]) for r in records)
     assert kinds == [
         ("plan", 1, "bf16"), ("plan", 1, "fp32"), ("plan", 2, "bf16"), ("plan", 2, "fp32"),
-        ("reanalyze", 1, "fp32"), ("update", 1, "fp32"),
+        ("reanalyze", 1, "fp32"), ("step", 1, "fp32"), ("update", 1, "fp32"),
     ]
     for r in records:
         for key in bm.RECORD_KEYS:
@@ -46,7 +46,7 @@ def test_cli_writes_schema(tmp_path, capsys):
         assert r["device"] == "cpu" and r["model_size"] is None and r["threads"] == 1
         for key in ("ms", "gflops", "peak_gflops", "gflop", "layer_gflops"):
             assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r[key])
-        assert r["ms_min"] <= r["ms"] <= r["ms_max"] and r["reps"] >= 2
+        assert r["ms_min"] <= r["ms_q25"] <= r["ms"] <= r["ms_q75"] <= r["ms_max"] and r["reps"] >= 2
         # GFLOP/s is the counted FLOPs over the median time
         assert r["gflops"] == pytest.approx(r["gflop"] / (r["ms"] / 1e3), rel=1e-9)
         assert sum(r["flops_per_op"].values()) == pytest.approx(r["gflop"] * 1e9, rel=1e-9)
@@ -60,13 +60,16 @@ def test_cli_writes_schema(tmp_path, capsys):
     # the update counts backward matmuls too: more than one forward pass over its batch
     (update,) = [r for r in records if r["what"] == "update"]
     assert set(update["flops_per_op"]) >= {"mm", "addmm"} and update["batch_size"] == 8
+    # an env step = one plan of the first n_envs + one update, in the update's dtype
+    (step,) = [r for r in records if r["what"] == "step"]
+    assert step["gflop"] == pytest.approx(plans[1, "fp32"]["gflop"] + update["gflop"], rel=1e-12)
     # reanalyze = one plan of horizon x reanalyze_batch_size states
     (rean,) = [r for r in records if r["what"] == "reanalyze"]
     assert rean["states"] == 3 * 2
     assert rean["reanalyze_interval"] == 10 and rean["amortized_ms"] == pytest.approx(rean["ms"] / 10)
     assert rean["gflop"] == pytest.approx(rean["states"] * plans[1, "fp32"]["gflop"], rel=1e-12)
     out = capsys.readouterr().out
-    assert "GFLOP/s" in out and f"wrote {path}" in out
+    assert "GFLOP/s" in out and f"wrote {path}" in out and "step over" in out
 
 
 def test_analytic_flops_size1_matches_counter():
