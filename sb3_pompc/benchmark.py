@@ -204,6 +204,24 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
+def _plan_calls(model: POMPC, obs: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Two ways to plan ``obs`` (n, obs_dim) with the agent's own planner, warm-started from the previous call:
+    ``model.policy.plan`` (compiled if the agent is) and the same computation without ``torch.compile`` (to
+    count FLOPs). The first plan (no warm start) runs here."""
+    policy, planner = model.policy, model.policy.planner
+    state = {"warm": policy.plan(obs, None).mean}
+
+    def plan_once() -> None:
+        state["warm"] = policy.plan(obs, state["warm"]).mean
+
+    def plan_eager() -> None:
+        noise = planner.draw_noise(obs.shape[0], policy.model.action_dim, policy.model.num_q, obs.device)
+        with torch.no_grad():
+            policy._plan_core(obs, state["warm"], False, noise, planner, None)
+
+    return plan_once, plan_eager
+
+
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     """Run ``fn`` once under :class:`FlopCounterMode`: (total FLOPs, FLOPs per aten op)."""
     with FlopCounterMode(display=False) as counter:
@@ -475,16 +493,7 @@ def run_benchmark(
                     model = make_model(size, n, dtype, dev_name, obs_dim, action_dim, preset, **overrides)
                     planner = model.policy.planner
                     obs = torch.randn(n, obs_dim, device=device)
-                    state = {"warm": model.policy.plan(obs, None).mean}
-
-                    def plan_once() -> None:
-                        state["warm"] = model.policy.plan(obs, state["warm"]).mean
-
-                    def plan_eager() -> None:  # the same call without torch.compile (to count FLOPs)
-                        noise = planner.draw_noise(n, action_dim, model.policy.model.num_q, device)
-                        with torch.no_grad():
-                            model.policy._plan_core(obs, state["warm"], False, noise, planner, None)
-
+                    plan_once, plan_eager = _plan_calls(model, obs)
                     mlp_dim = model.policy.model.dynamics[1].out_features
                     measure("plan", plan_once, size, n, dtype, device, n * planner.num_samples, mlp_dim, {
                         "num_samples": planner.num_samples, "iterations": planner.iterations,
@@ -501,6 +510,7 @@ def run_benchmark(
                 model.policy.set_training_mode(True)
                 mlp_dim = model.policy.model.dynamics[1].out_features
                 H = model.horizon
+
                 def update_once() -> None:
                     model._update(batch_size, pretrain=False)
 
@@ -518,23 +528,19 @@ def run_benchmark(
                         "update_dtype": PLANNER_DTYPES[dtype], "note": "reanalyze off (see the reanalyze rows)",
                     }, count_fn=update_eager if compile else None)
                 if "step" in what:  # planner in the update's dtype (make_model's dtype sets both)
-                    obs0 = torch.randn(n0, obs_dim, device=device)
-                    state0 = {"warm": model.policy.plan(obs0, None).mean}
-                    planner0 = model.policy.planner
+                    step_plan, step_plan_eager = _plan_calls(model, torch.randn(n0, obs_dim, device=device))
 
                     def step_once() -> None:
-                        state0["warm"] = model.policy.plan(obs0, state0["warm"]).mean
-                        model._update(batch_size, pretrain=False)
+                        step_plan()
+                        update_once()
 
                     def step_eager() -> None:  # the same step without torch.compile (to count FLOPs)
-                        noise = planner0.draw_noise(n0, action_dim, model.policy.model.num_q, device)
-                        with torch.no_grad():
-                            model.policy._plan_core(obs0, state0["warm"], False, noise, planner0, None)
+                        step_plan_eager()
                         update_eager()
 
                     measure("step", step_once, size, n0, dtype, device, H * batch_size, mlp_dim, {
                         "batch_size": batch_size, "num_q": model.policy.model.num_q, "horizon": H,
-                        "update_dtype": PLANNER_DTYPES[dtype], "num_samples": planner0.num_samples,
+                        "update_dtype": PLANNER_DTYPES[dtype], "num_samples": model.policy.planner.num_samples,
                         "note": "one plan + one update (reanalyze off)",
                     }, count_fn=step_eager if compile else None)
                 if "reanalyze" in what:

@@ -416,10 +416,12 @@ class WorldModel(nn.Module):
 
         :param kl: use the KL-regularised critic Q̃ instead of the ordinary critic
         """
-        net = (self.kl_critic_target if target else self.kl_critic) if kl else (
-            self.critic_target if target else self.critic)
-        if not kl and self.critic_type == "v":
-            return net(z, heads=heads, detach=detach)
+        if kl:
+            net = self.kl_critic_target if target else self.kl_critic
+        else:
+            net = self.critic_target if target else self.critic
+            if self.critic_type == "v":
+                return net(z, heads=heads, detach=detach)
         if detach:  # gradient into the action only (policy step): z @ W_z + a @ W_a, no input gradient for z
             return net(z, heads=heads, detach=True, x_tail=a)
         return net(torch.cat([z, a], dim=-1), heads=heads, detach=detach)
