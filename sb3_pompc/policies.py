@@ -142,7 +142,10 @@ class POMPCPolicy(BasePolicy):
         planner: Optional[MPPIPlanner] = None,
         pi_log_std_bounds: Optional[tuple[float, float]] = None,
     ) -> PlanResult:
-        """Plan for a batch of flat observations (n, obs_dim) in one call. See :meth:`MPPIPlanner.plan`."""
+        """Plan for a batch of flat observations (n, obs_dim) in one call. See :meth:`MPPIPlanner.plan`.
+
+        With ``compile=True`` on CUDA the returned tensors are CUDA-graph memory that the next call overwrites:
+        copy what must outlive it (``learn`` and :meth:`predict` do)."""
         planner = self.planner if planner is None else planner
         if noise is None:  # drawn eagerly, so the compiled plan uses the very same random numbers as eager
             noise = planner.draw_noise(obs.shape[0], self.model.action_dim, self.model.num_q, obs.device)
@@ -164,7 +167,8 @@ class POMPCPolicy(BasePolicy):
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> torch.Tensor:
         """Plan without warm start (SB3's stateless path); prefer :meth:`predict` with ``state``."""
         assert isinstance(observation, torch.Tensor)
-        return self.plan(observation.float().reshape(observation.shape[0], -1), None, deterministic).action
+        # a copy: on CUDA a compiled plan's outputs are CUDA-graph memory that its next call overwrites
+        return self.plan(observation.float().reshape(observation.shape[0], -1), None, deterministic).action.clone()
 
     def warm_start(self, state: Optional[np.ndarray], episode_start: Optional[np.ndarray], n: int) -> Optional[torch.Tensor]:
         """Planner state (n, H, A) → tensor with the rows of starting episodes zeroed (None = no warm start)."""

@@ -117,6 +117,13 @@ def ref() -> SimpleNamespace:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _sb3_logdir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SB3 makes a log folder per ``learn`` (``$SB3_LOGDIR``, else a new ``/tmp/SB3-<date>``): keep the suite's in
+    pytest's temporary directory instead of leaving hundreds of empty folders in /tmp."""
+    os.environ.setdefault("SB3_LOGDIR", str(tmp_path_factory.mktemp("sb3_logs")))
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     """Every test starts from the same seeds (tests are deterministic and independent of their order)."""

@@ -76,3 +76,26 @@ def test_compile_without_cxx_compiler_fails_before_training(monkeypatch) -> None
     with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
         POMPC("MlpPolicy", gym.make("Pendulum-v1"), compile=True, device="cpu", **TINY)
     POMPC("MlpPolicy", gym.make("Pendulum-v1"), compile=False, device="cpu", **TINY)  # eager needs none
+
+
+def test_warm_start_survives_a_replay_of_the_plan() -> None:
+    """On CUDA the compiled plan runs as a CUDA graph whose outputs are overwritten by its next replay (e.g. an
+    ``EvalCallback``'s ``predict`` between two env steps). The warm start kept by ``learn`` must be a copy: here a
+    "replay" overwrites every tensor the plan returned, and the kept mean must not change."""
+    model = POMPC("MlpPolicy", gym.make("Pendulum-v1"), seed=0, **dict(TINY, learning_starts=0))
+    model.learn(2)  # sets up _last_obs and takes planned steps
+    returned = []
+    plan = model.policy.plan
+
+    def recording_plan(*args, **kwargs):
+        result = plan(*args, **kwargs)
+        returned.append(result)
+        return result
+
+    model.policy.plan = recording_plan  # type: ignore[method-assign]
+    model._sample_action(learning_starts=0)
+    kept = model._plan_mean.clone()
+    assert returned and returned[-1].mean.abs().max() > 0
+    for tensor in returned[-1]:
+        tensor.fill_(123.0)  # what a replay of the graph does to the previous outputs
+    torch.testing.assert_close(model._plan_mean, kept)
