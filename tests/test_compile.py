@@ -99,3 +99,9 @@ def test_warm_start_survives_a_replay_of_the_plan() -> None:
     for tensor in returned[-1]:
         tensor.fill_(123.0)  # what a replay of the graph does to the previous outputs
     torch.testing.assert_close(model._plan_mean, kept)
+    # SB3's stateless path, policy(obs), returns a copy of the action too
+    action = model.policy(torch.zeros(1, 3))
+    before = action.clone()
+    for tensor in returned[-1]:
+        tensor.fill_(0.5)
+    torch.testing.assert_close(action, before)
