@@ -195,15 +195,6 @@ def time_calls(
     return times
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
-    """The ``q`` quantile of ``values`` (linear interpolation between order statistics)."""
-    v = sorted(values)
-    pos = q * (len(v) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
 def _plan_calls(model: POMPC, obs: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
     """Two ways to plan ``obs`` (n, obs_dim) with the agent's own planner, warm-started from the previous call:
     ``model.policy.plan`` (compiled if the agent is) and the same computation without ``torch.compile`` (to
@@ -470,7 +461,7 @@ def run_benchmark(
             "gflops": gflops, "peak_gflops": peak,
             "ratio": gflops / peak, "gflop": flops / 1e9, "flops_per_op": per_op, "peak_size": side,
             "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times), "reps": len(times),
-            "ms_q25": 1e3 * _quantile(times, 0.25), "ms_q75": 1e3 * _quantile(times, 0.75),
+            "ms_q25": 1e3 * float(np.quantile(times, 0.25)), "ms_q75": 1e3 * float(np.quantile(times, 0.75)),
             "layer_gflops": layer, "layer_shape": [rows, mlp_dim, mlp_dim], **extra, **meta,
         }
         if what_ == "plan":
@@ -522,10 +513,11 @@ def run_benchmark(
                     finally:
                         model._update_fns = fns
 
+                update_extra = {"batch_size": batch_size, "num_q": model.policy.model.num_q, "horizon": H,
+                                "update_dtype": PLANNER_DTYPES[dtype]}
                 if "update" in what:
                     measure("update", update_once, size, n0, dtype, device, H * batch_size, mlp_dim, {
-                        "batch_size": batch_size, "num_q": model.policy.model.num_q, "horizon": H,
-                        "update_dtype": PLANNER_DTYPES[dtype], "note": "reanalyze off (see the reanalyze rows)",
+                        **update_extra, "note": "reanalyze off (see the reanalyze rows)",
                     }, count_fn=update_eager if compile else None)
                 if "step" in what:  # planner in the update's dtype (make_model's dtype sets both)
                     step_plan, step_plan_eager = _plan_calls(model, torch.randn(n0, obs_dim, device=device))
@@ -539,8 +531,7 @@ def run_benchmark(
                         update_eager()
 
                     measure("step", step_once, size, n0, dtype, device, H * batch_size, mlp_dim, {
-                        "batch_size": batch_size, "num_q": model.policy.model.num_q, "horizon": H,
-                        "update_dtype": PLANNER_DTYPES[dtype], "num_samples": model.policy.planner.num_samples,
+                        **update_extra, "num_samples": model.policy.planner.num_samples,
                         "note": "one plan + one update (reanalyze off)",
                     }, count_fn=step_eager if compile else None)
                 if "reanalyze" in what:
