@@ -200,10 +200,10 @@ def _plan_calls(model: POMPC, obs: torch.Tensor) -> tuple[Callable[[], None], Ca
     ``model.policy.plan`` (compiled if the agent is) and the same computation without ``torch.compile`` (to
     count FLOPs). The first plan (no warm start) runs here."""
     policy, planner = model.policy, model.policy.planner
-    state = {"warm": policy.plan(obs, None).mean.clone()}
+    state = {"warm": policy.plan(obs, None).mean}
 
-    def plan_once() -> None:  # a copy of the warm start, as ``learn`` keeps (CUDA-graph outputs are overwritten)
-        state["warm"] = policy.plan(obs, state["warm"]).mean.clone()
+    def plan_once() -> None:
+        state["warm"] = policy.plan(obs, state["warm"]).mean
 
     def plan_eager() -> None:
         noise = planner.draw_noise(obs.shape[0], policy.model.action_dim, policy.model.num_q, obs.device)

@@ -144,8 +144,8 @@ class POMPCPolicy(BasePolicy):
     ) -> PlanResult:
         """Plan for a batch of flat observations (n, obs_dim) in one call. See :meth:`MPPIPlanner.plan`.
 
-        With ``compile=True`` on CUDA the returned tensors are CUDA-graph memory that the next call overwrites:
-        copy what must outlive it (``learn`` and :meth:`predict` do)."""
+        With ``compile=True`` the result is a copy of the compiled function's outputs: on CUDA those are CUDA-graph
+        memory that the next call overwrites (e.g. an ``EvalCallback``'s ``predict`` between two env steps)."""
         planner = self.planner if planner is None else planner
         if noise is None:  # drawn eagerly, so the compiled plan uses the very same random numbers as eager
             noise = planner.draw_noise(obs.shape[0], self.model.action_dim, self.model.num_q, obs.device)
@@ -153,7 +153,8 @@ class POMPCPolicy(BasePolicy):
             if self._compiled_plan is None:
                 mode = "reduce-overhead" if self.device.type == "cuda" else None
                 self._compiled_plan = torch.compile(self._plan_core, mode=mode, dynamic=False)
-            return self._compiled_plan(obs, warm_mean, deterministic, noise, planner, pi_log_std_bounds)
+            result = self._compiled_plan(obs, warm_mean, deterministic, noise, planner, pi_log_std_bounds)
+            return PlanResult(*(t.clone() for t in result))
         return self._plan_core(obs, warm_mean, deterministic, noise, planner, pi_log_std_bounds)
 
     def _plan_core(self, obs, warm_mean, deterministic, noise, planner, pi_log_std_bounds) -> PlanResult:
@@ -167,8 +168,7 @@ class POMPCPolicy(BasePolicy):
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> torch.Tensor:
         """Plan without warm start (SB3's stateless path); prefer :meth:`predict` with ``state``."""
         assert isinstance(observation, torch.Tensor)
-        # a copy: on CUDA a compiled plan's outputs are CUDA-graph memory that its next call overwrites
-        return self.plan(observation.float().reshape(observation.shape[0], -1), None, deterministic).action.clone()
+        return self.plan(observation.float().reshape(observation.shape[0], -1), None, deterministic).action
 
     def warm_start(self, state: Optional[np.ndarray], episode_start: Optional[np.ndarray], n: int) -> Optional[torch.Tensor]:
         """Planner state (n, H, A) → tensor with the rows of starting episodes zeroed (None = no warm start)."""

@@ -647,9 +647,7 @@ class POMPC(OffPolicyAlgorithm):
                 warm = warm * keep.reshape(-1, 1, 1)
             self.policy.set_training_mode(False)
             result = self.policy.plan(obs, warm, deterministic=False)
-            # a copy: on CUDA the compiled plan's outputs live in CUDA-graph memory that the next replay of the
-            # graph overwrites, and an EvalCallback's predict() replays it before the next env step reads this
-            self._plan_mean = result.mean.clone()
+            self._plan_mean = result.mean
             # one device → host transfer per env step: action and π^P together
             host = torch.cat([result.action, result.plan_mean, result.plan_std], dim=-1).float().cpu().numpy()
             action, plan_mean, plan_std = np.split(host, 3, axis=-1)

@@ -78,30 +78,32 @@ def test_compile_without_cxx_compiler_fails_before_training(monkeypatch) -> None
     POMPC("MlpPolicy", gym.make("Pendulum-v1"), compile=False, device="cpu", **TINY)  # eager needs none
 
 
-def test_warm_start_survives_a_replay_of_the_plan() -> None:
+def test_compiled_plan_returns_copies_that_survive_a_replay() -> None:
     """On CUDA the compiled plan runs as a CUDA graph whose outputs are overwritten by its next replay (e.g. an
-    ``EvalCallback``'s ``predict`` between two env steps). The warm start kept by ``learn`` must be a copy: here a
-    "replay" overwrites every tensor the plan returned, and the kept mean must not change."""
-    model = POMPC("MlpPolicy", gym.make("Pendulum-v1"), seed=0, **dict(TINY, learning_starts=0))
-    model.learn(2)  # sets up _last_obs and takes planned steps
+    ``EvalCallback``'s ``predict`` between two env steps). ``plan`` returns copies, so the warm start kept by
+    ``learn`` and the action of ``policy(obs)`` survive: here a "replay" overwrites every tensor the compiled
+    function returned, and what the callers kept must not change."""
+    model = POMPC("MlpPolicy", gym.make("Pendulum-v1"), seed=0, compile=True, **dict(TINY, learning_starts=0))
+    policy = model.policy
     returned = []
-    plan = model.policy.plan
 
-    def recording_plan(*args, **kwargs):
-        result = plan(*args, **kwargs)
+    def compiled_plan(*args):  # stands in for torch.compile's function (nothing is compiled in this test)
+        result = policy._plan_core(*args)
         returned.append(result)
         return result
 
-    model.policy.plan = recording_plan  # type: ignore[method-assign]
+    policy._compiled_plan = compiled_plan
+    model._setup_learn(total_timesteps=2)  # resets the env: _last_obs
     model._sample_action(learning_starts=0)
     kept = model._plan_mean.clone()
-    assert returned and returned[-1].mean.abs().max() > 0
+    assert len(returned) == 1 and returned[-1].mean.abs().max() > 0
     for tensor in returned[-1]:
         tensor.fill_(123.0)  # what a replay of the graph does to the previous outputs
     torch.testing.assert_close(model._plan_mean, kept)
-    # SB3's stateless path, policy(obs), returns a copy of the action too
-    action = model.policy(torch.zeros(1, 3))
+    # SB3's stateless path, policy(obs)
+    action = policy(torch.zeros(1, 3))
     before = action.clone()
+    assert len(returned) == 2
     for tensor in returned[-1]:
         tensor.fill_(0.5)
     torch.testing.assert_close(action, before)
