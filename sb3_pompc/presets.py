@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS", "resolve_preset"]
+__all__ = ["PRESETS", "CPU_SETTINGS", "resolve_preset"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's default: intermediate λ with a reverse-KL intermediate prior, Q critic, BMPC policy head
@@ -53,6 +53,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         reanalyze_interval=10,
     ),
 }
+
+
+# CPU-sized settings for DMControl (any preset): the 1M-parameter model, 64 MPPI samples (8 elites, 4 policy
+# trajectories) x 3 iterations, batch 64, no lazy reanalyze and a 500-update pretraining burst.
+CPU_SETTINGS: dict[str, Any] = dict(
+    model_size=1,
+    num_samples=64,
+    num_elites=8,
+    num_pi_trajs=4,
+    iterations=3,
+    batch_size=64,
+    reanalyze_interval=0,
+    pretrain_updates=500,
+)
 
 
 def resolve_preset(preset: str, **overrides: Any) -> dict[str, Any]:
