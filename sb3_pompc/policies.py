@@ -141,15 +141,18 @@ class POMPCPolicy(BasePolicy):
         noise: Optional[PlannerNoise] = None,
         planner: Optional[MPPIPlanner] = None,
         pi_log_std_bounds: Optional[tuple[float, float]] = None,
+        eager: bool = False,
     ) -> PlanResult:
         """Plan for a batch of flat observations (n, obs_dim) in one call. See :meth:`MPPIPlanner.plan`.
+
+        :param eager: run without ``torch.compile`` even when the policy compiles (same numbers; used to count FLOPs)
 
         With ``compile=True`` the result is a copy of the compiled function's outputs: on CUDA those are CUDA-graph
         memory that the next call overwrites (e.g. an ``EvalCallback``'s ``predict`` between two env steps)."""
         planner = self.planner if planner is None else planner
         if noise is None:  # drawn eagerly, so the compiled plan uses the very same random numbers as eager
             noise = planner.draw_noise(obs.shape[0], self.model.action_dim, self.model.num_q, obs.device)
-        if self.compile and planner is self.planner:
+        if self.compile and planner is self.planner and not eager:
             if self._compiled_plan is None:
                 mode = "reduce-overhead" if self.device.type == "cuda" else None
                 self._compiled_plan = torch.compile(self._plan_core, mode=mode, dynamic=False)
