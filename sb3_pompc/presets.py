@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS", "CPU_SETTINGS", "resolve_preset"]
+__all__ = ["PRESETS", "PRIORS", "CPU_SETTINGS", "resolve_preset"]
+
+#: π_ref of the KL terms: the buffer's planner stats, or a prior network fitted by forward or reverse KL.
+PRIORS = ("planner", "forward", "reverse")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the paper's default: intermediate λ with a reverse-KL intermediate prior, Q critic, BMPC policy head
