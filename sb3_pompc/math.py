@@ -11,17 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sb3_pompc.speedups import mish
+
 __all__ = [
     "symlog",
     "symexp",
     "TwoHot",
     "soft_ce",
     "SimNorm",
-    "hashed_dropout",
-    "mish",
     "Mish",
     "gaussian_kl",
-    "squashed_gaussian_kl",
     "RunningScale",
     "percentile",
     "discount_heuristic",
@@ -101,23 +100,8 @@ def soft_ce(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     return -(target_probs * F.log_softmax(logits.float(), dim=-1)).sum(-1, keepdim=True)
 
 
-def mish(x: torch.Tensor) -> torch.Tensor:
-    """``Mish(x) = x · tanh(softplus(x)) = x · tanh(ln(1 + eˣ))``.
-
-    Eager PyTorch runs its native ``F.mish`` kernel. Under ``torch.compile`` the algebraically identical form
-    ``x · n / (n + 2)`` with ``n = eᵘ(eᵘ + 2)`` and ``u = min(x, 20)`` is traced instead (``tanh(ln(1+e)) = ((1+e)² −
-    1)/((1+e)² + 1)``): one ``exp`` instead of ``exp``, ``log1p`` and ``tanh``, which the compiler fuses with the
-    LayerNorm before it (~3× faster on CPU; for x > 20, n/(n+2) = 1 in float32, so the clamp changes nothing).
-    """
-    if torch.compiler.is_compiling():
-        e = torch.exp(x.clamp(max=20.0))
-        n = e * (e + 2.0)
-        return x * (n / (n + 2.0))
-    return F.mish(x)
-
-
 class Mish(nn.Module):
-    """Module form of :func:`mish`."""
+    """Module form of :func:`~sb3_pompc.speedups.mish` (``F.mish``, with a faster form under ``torch.compile``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mish(x)
@@ -162,44 +146,6 @@ class SimNorm(nn.Module):
         return f"dim={self.dim}, layout={self.layout!r}"
 
 
-# 32-bit constants as signed int32 (torch has no uint32 arithmetic); products wrap modulo 2^32
-_GOLDEN = -1640531527  # 0x9E3779B9
-_LOWBIAS_1, _LOWBIAS_2 = 0x21F0AAAD, -749064809  # 0x21F0AAAD, 0xD35A2D97
-
-
-def _lowbias32(h: torch.Tensor) -> torch.Tensor:
-    """32-bit integer mixing function ("lowbias32"): ``h ^= h >> 16; h *= 0x21F0AAAD; h ^= h >> 15;
-    h *= 0xD35A2D97; h ^= h >> 15`` with logical shifts, on int32 (a bijection of the 2^32 values)."""
-    h = h ^ ((h >> 16) & 0xFFFF)
-    h = h * _LOWBIAS_1
-    h = h ^ ((h >> 15) & 0x1FFFF)
-    h = h * _LOWBIAS_2
-    return h ^ ((h >> 15) & 0x1FFFF)
-
-
-def hashed_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout ``x ⊙ m / (1 − p)`` with ``m_i = [u_i ≥ p]``, ``u_i = ⌊h_i / 2^8⌋ / 2^24`` and
-    ``h_i = lowbias32((i · 0x9E3779B9) ⊕ s)``: the mask of element i (flat index) is a hash of i and of a seed s
-    drawn from torch's generator at every call. ``u`` has the 24-bit resolution of ``torch.rand`` in float32, so
-    ``P(m_i = 0) = ⌈p · 2^24⌉ / 2^24`` (p rounded up to a multiple of 2^-24 ≈ 6e-8).
-
-    Same distribution as ``F.dropout(x, p, training=True)``, different draws. On a CPU, ATen's dropout draws each
-    element from one single-threaded mt19937 stream (3–8 ns per element on AMD CPUs, where ATen does not use MKL's
-    generator); this mask is element-wise integer work, ~2× faster eager and fused into the neighbouring kernels
-    under ``torch.compile``, with identical masks eager and compiled.
-
-    :param x: input (fewer than 2^31 elements)
-    :param p: drop probability in [0, 1)
-    """
-    if x.numel() >= 2**31:
-        raise ValueError(f"hashed_dropout: {x.numel()} elements, at most 2^31 - 1 are supported")
-    seed = torch.randint(-(2**31), 2**31 - 1, (), dtype=torch.int32, device=x.device)
-    i = torch.arange(x.numel(), dtype=torch.int32, device=x.device).view(x.shape)
-    h = _lowbias32((i * _GOLDEN) ^ seed)
-    keep = ((h >> 8) & 0xFFFFFF) >= _math.ceil(p * 2**24)
-    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
-
-
 def gaussian_kl(mu_p: torch.Tensor, std_p: torch.Tensor, mu_q: torch.Tensor, std_q: torch.Tensor) -> torch.Tensor:
     """Closed-form KL between diagonal Gaussians, **averaged over action dims** (BMPC's reduction):
 
@@ -213,20 +159,6 @@ def gaussian_kl(mu_p: torch.Tensor, std_p: torch.Tensor, mu_q: torch.Tensor, std
     var_q = std_q.square()
     kl = torch.log(std_q / std_p) + (std_p.square() + (mu_p - mu_q).square()) / (2.0 * var_q) - 0.5
     return kl.mean(-1, keepdim=True)
-
-
-def squashed_gaussian_kl(
-    mu_p: torch.Tensor, std_p: torch.Tensor, mu_q: torch.Tensor, std_q: torch.Tensor, direction: str = "reverse"
-) -> torch.Tensor:
-    """KL between a policy head and a reference in the chosen direction (both as Gaussians on the action box).
-
-    ``direction="reverse"``: ``KL(p ‖ q)`` (mode seeking in p); ``"forward"``: ``KL(q ‖ p)`` (mode covering in p).
-    """
-    if direction == "reverse":
-        return gaussian_kl(mu_p, std_p, mu_q, std_q)
-    if direction == "forward":
-        return gaussian_kl(mu_q, std_q, mu_p, std_p)
-    raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
 
 
 def gaussian_log_prob(eps: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ planner's warm-start mean per env (n_envs, H, A), so ``evaluate_policy`` and use
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -17,18 +16,10 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
 from sb3_pompc.math import RunningScale
 from sb3_pompc.planner import MPPIPlanner, PlannerNoise, PlanResult
+from sb3_pompc.speedups import AUTOCAST_DTYPES, autocast
 from sb3_pompc.world_model import WorldModel
 
 __all__ = ["POMPCPolicy", "MlpPolicy"]
-
-AUTOCAST_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def autocast(device_type: str, dtype: str) -> Any:
-    """``torch.autocast(device_type, AUTOCAST_DTYPES[dtype])``, or a no-op context for float32."""
-    if AUTOCAST_DTYPES[dtype] == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[dtype])
 
 
 class POMPCPolicy(BasePolicy):
@@ -37,7 +28,8 @@ class POMPCPolicy(BasePolicy):
     :param observation_space: flat Box observation space
     :param action_space: Box action space
     :param lr_schedule: learning-rate schedule (constant in TD-MPC2)
-    :param model_kwargs: keyword arguments of :class:`~sb3_pompc.world_model.WorldModel`
+    :param model_kwargs: keyword arguments of :class:`~sb3_pompc.world_model.WorldModel`; without
+        ``simnorm_layout`` (a model saved before the option existed) the SimNorm groups are "contiguous"
     :param planner_kwargs: keyword arguments of :class:`~sb3_pompc.planner.MPPIPlanner`
     :param enc_lr_scale: encoder learning-rate multiplier (0.3)
     :param scale_tau: running-scale smoothing (0.01)
@@ -46,7 +38,8 @@ class POMPCPolicy(BasePolicy):
     :param compile: wrap the plan in ``torch.compile`` (CUDA graphs via "reduce-overhead" on GPU); the noise is
         drawn eagerly, so the compiled plan gives the eager numbers up to float rounding. (:class:`POMPC` also
         compiles its update's forward passes when this is set.)
-    :param normalize_images: unused (image observations are not supported)
+    :param normalize_images: unused (image observations are not supported); accepted because SB3's
+        ``BaseModel._get_constructor_parameters`` saves it and ``POMPCPolicy.load`` passes it back
     """
 
     def __init__(
@@ -66,6 +59,7 @@ class POMPCPolicy(BasePolicy):
         if planner_dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"planner_dtype must be one of {sorted(AUTOCAST_DTYPES)}, got {planner_dtype!r}")
         self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs.setdefault("simnorm_layout", "contiguous")  # saved before the option: contiguous groups
         self.planner_kwargs = dict(planner_kwargs or {})
         self.enc_lr_scale = enc_lr_scale
         self.scale_tau = scale_tau

@@ -2,7 +2,8 @@
 
 Architecture exactly as the spec (§1): ``NormedLinear = Linear → Dropout → LayerNorm → Mish``, SimNorm latents,
 two-hot heads with 101 bins, trunc-normal(0.02) init with zeroed last layers of reward and critic. The critic
-ensemble is ONE module with stacked weights: one batched matmul per layer for all heads.
+ensemble is ONE module with stacked weights: one batched matmul per layer for all heads. The tricks that make it
+fast without changing what it computes live in :mod:`sb3_pompc.speedups`.
 """
 
 from __future__ import annotations
@@ -14,18 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sb3_pompc.math import Mish, SimNorm, hashed_dropout, mish, TwoHot, gaussian_log_prob, scaled_entropy
+from sb3_pompc.math import Mish, SimNorm, TwoHot, gaussian_log_prob, scaled_entropy
+from sb3_pompc.speedups import hashed_dropout, linear_of_shared_latent, mish
 
-__all__ = [
-    "MODEL_SIZES",
-    "model_size_config",
-    "NormedLinear",
-    "mlp",
-    "EnsembleMLP",
-    "PolicyHead",
-    "PolicyOutput",
-    "WorldModel",
-]
+__all__ = ["MODEL_SIZES", "model_size_config", "NormedLinear", "mlp", "EnsembleMLP", "PolicyHead", "PolicyOutput",
+           "WorldModel"]
 
 # model_size -> architecture (spec §1.5). num_q is set by the preset only for sizes 1 and 317.
 MODEL_SIZES: dict[int, dict[str, int]] = {
@@ -67,22 +61,6 @@ class NormedLinear(nn.Linear):
         if self.dropout is not None:
             x = self.dropout(x)
         return self.act(self.ln(x.float()))  # LayerNorm (and what follows) in fp32 under autocast, a no-op otherwise
-
-
-def linear_of_shared_latent(layer: nn.Linear, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``layer(concat[z_i, a_ij])`` for N actions per latent, with the latent's part computed once per latent:
-    ``W·[z; a] + b = W_z·z + (W_a·a + b)``. Same map as the concatenated input (up to rounding), without
-    N copies of ``W_z·z``.
-
-    :param layer: a Linear over ``concat[z, a]`` (latent first)
-    :param z: (n, L) latents
-    :param a: (n, N, A) N actions per latent
-    :return: (n·N, out), fp32 (the two parts are added in fp32 under autocast)
-    """
-    L = z.shape[-1]
-    hz = F.linear(z, layer.weight[:, :L])  # (n, out)
-    ha = F.linear(a, layer.weight[:, L:], layer.bias)  # (n, N, out)
-    return (hz.float().unsqueeze(1) + ha.float()).reshape(-1, hz.shape[-1])
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: Optional[nn.Module] = None, dropout: float = 0.0):
@@ -184,7 +162,7 @@ class EnsembleMLP(nn.Module):
                 h = torch.baddbmm(b, h, w)
             if i < n_layers - 1:
                 if self.dropout > 0 and i == 0 and self.training:
-                    # CUDA: ATen's dropout (Philox, parallel); elsewhere the hashed mask (ATen's CPU RNG is serial)
+                    # off CUDA: the same dropout with a hashed mask (see sb3_pompc.speedups)
                     cuda = h.device.type == "cuda"
                     h = F.dropout(h, self.dropout, training=True) if cuda else hashed_dropout(h, self.dropout)
                 g, beta = self.ln_weights[i], self.ln_biases[i]
@@ -274,9 +252,8 @@ class WorldModel(nn.Module):
     :param num_q: critic ensemble size
     :param critic: "q" (Q(z, a), TD-MPC2) or "v" (V(z), BMPC)
     :param simnorm_dim: SimNorm group size
-    :param simnorm_layout: which entries form a SimNorm group: "contiguous" (the spec's wording, the default here
-        so that models saved before this option load unchanged) or "strided" (the same model with its latent
-        units relabelled, faster; what :class:`~sb3_pompc.POMPC` builds), see :class:`~sb3_pompc.math.SimNorm`
+    :param simnorm_layout: which entries form a SimNorm group: "strided" (entries L/V apart) or "contiguous"
+        (the spec's wording; the same model with its latent units relabelled), see :class:`~sb3_pompc.math.SimNorm`
     :param num_bins: two-hot bins K
     :param vmin: lowest bin (symlog space)
     :param vmax: highest bin (symlog space)
@@ -301,7 +278,7 @@ class WorldModel(nn.Module):
         num_q: int = 5,
         critic: str = "q",
         simnorm_dim: int = 8,
-        simnorm_layout: str = "contiguous",
+        simnorm_layout: str = "strided",
         num_bins: int = 101,
         vmin: float = -10.0,
         vmax: float = 10.0,
@@ -378,7 +355,8 @@ class WorldModel(nn.Module):
     def step_from_shared(self, z: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reward logits and next latents of N actions from each of n latents, equal to
         ``reward_logits(z', a')`` and ``next(z', a')`` with ``z'`` = each latent repeated N times (the first step
-        of a plan), but the first layers' latent part is computed once per latent (:func:`linear_of_shared_latent`).
+        of a plan), but the first layers' latent part is computed once per latent
+        (:func:`~sb3_pompc.speedups.linear_of_shared_latent`).
 
         :param z: (n, L); :param a: (n, N, A); :return: reward logits (n·N, K), next latents (n·N, L)
         """
@@ -397,10 +375,9 @@ class WorldModel(nn.Module):
         assert self.termination is not None
         return self.termination(z)
 
-    def random_heads(self, device: torch.device, num: Optional[int] = None, k: int = 2) -> torch.Tensor:
-        """``k`` distinct random head indices (one randperm per call, shared over the batch)."""
-        num = self.num_q if num is None else num
-        return torch.randperm(num, device=device)[:k]
+    def random_heads(self, device: torch.device) -> torch.Tensor:
+        """2 distinct random critic heads (one randperm per call, shared over the batch)."""
+        return torch.randperm(self.num_q, device=device)[:2]
 
     # ---- critics ---------------------------------------------------------------------------------------------
     def critic_logits(
@@ -468,16 +445,9 @@ class WorldModel(nn.Module):
     def component_parameter_counts(self) -> dict[str, int]:
         """Learnable parameters per component, as the spec's table (§1.6)."""
 
-        def n(m: Optional[nn.Module]) -> int:
-            return 0 if m is None else sum(p.numel() for p in m.parameters() if p.requires_grad)
-
-        counts = {
-            "encoder": n(self.encoder),
-            "dynamics": n(self.dynamics),
-            "reward": n(self.reward),
-            "termination": n(self.termination),
-            "pi": n(self.pi),
-            "critic": n(self.critic),
-        }
+        parts = dict(encoder=self.encoder, dynamics=self.dynamics, reward=self.reward, termination=self.termination,
+                     pi=self.pi, critic=self.critic)
+        counts = {name: 0 if m is None else sum(p.numel() for p in m.parameters() if p.requires_grad)
+                  for name, m in parts.items()}
         counts["total"] = sum(counts.values())
         return counts

@@ -9,6 +9,7 @@ import torch
 
 from sb3_pompc import POMPC
 from sb3_pompc.benchmark import fill_replay_buffer
+from sb3_pompc.speedups import AUTOCAST_DTYPES, autocast, autocast_fn
 
 TINY = dict(model_size=None, latent_dim=16, mlp_dim=16, enc_dim=16, num_q=2, num_samples=16, num_elites=4,
             num_pi_trajs=2, iterations=2, horizon=2, learning_starts=10, pretrain_updates=0)
@@ -64,6 +65,30 @@ def test_compiled_update_equals_eager(update_dtype) -> None:
 def test_update_dtype_is_validated() -> None:
     with pytest.raises(ValueError, match="update_dtype must be one of"):
         POMPC("MlpPolicy", gym.make("Pendulum-v1"), update_dtype="float16", **TINY)
+
+
+def test_autocast_helpers_by_dtype_name() -> None:
+    """``autocast(device, name)`` is ``torch.autocast`` with the named dtype (nothing for float32);
+    ``autocast_fn(fn, device, name)`` is ``fn`` called inside it, with ``fn``'s name and docstring."""
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    for name, dtype in AUTOCAST_DTYPES.items():
+        with autocast("cpu", name):
+            inside = (a @ b).dtype
+            assert torch.is_autocast_enabled("cpu") == (dtype != torch.float32)
+        assert inside == dtype, name
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            expected = a @ b
+
+        def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            """x @ y"""
+            return x @ y
+
+        wrapped = autocast_fn(matmul, "cpu", name)
+        assert (wrapped.__name__, wrapped.__doc__, wrapped.__wrapped__) == ("matmul", "x @ y", matmul)
+        out = wrapped(a, y=b)
+        assert out.dtype == dtype and torch.equal(out, expected) and not torch.is_autocast_enabled("cpu")
+    with pytest.raises(KeyError):
+        autocast("cpu", "float16")
 
 
 def test_compile_without_cxx_compiler_fails_before_training(monkeypatch) -> None:

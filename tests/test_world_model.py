@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sb3_pompc.policies import POMPCPolicy
 from sb3_pompc.world_model import MODEL_SIZES, EnsembleMLP, WorldModel, model_size_config
 
 K = 101
@@ -442,3 +445,18 @@ def test_strided_simnorm_is_the_contiguous_model_with_latent_units_relabelled(ma
 def test_simnorm_layout_is_validated(make_tiny_model):
     with pytest.raises(ValueError, match="layout must be one of"):
         make_tiny_model(simnorm_layout="blocked")
+
+
+def test_new_models_are_strided_and_policies_without_the_key_contiguous(make_tiny_model):
+    """``WorldModel`` builds strided SimNorm unless told otherwise; a policy rebuilt from model kwargs saved before
+    ``simnorm_layout`` existed (no such key) builds contiguous groups, and records the layout it built."""
+    model = make_tiny_model()
+    assert model.encoder[-1].act.layout == model.dynamics[-1].act.layout == "strided"
+    obs_space = gym.spaces.Box(-1.0, 1.0, (5,), np.float32)
+    act_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    kwargs = dict(latent_dim=16, enc_dim=16, mlp_dim=16, num_q=2)
+    legacy = POMPCPolicy(obs_space, act_space, lambda _: 1e-3, model_kwargs=kwargs)
+    assert legacy.model.encoder[-1].act.layout == legacy.model.dynamics[-1].act.layout == "contiguous"
+    assert legacy.model_kwargs["simnorm_layout"] == "contiguous" and "simnorm_layout" not in kwargs
+    new = POMPCPolicy(obs_space, act_space, lambda _: 1e-3, model_kwargs={**kwargs, "simnorm_layout": "strided"})
+    assert new.model.encoder[-1].act.layout == new.model.dynamics[-1].act.layout == "strided"
