@@ -90,7 +90,7 @@ def test_fill_replay_buffer_gives_valid_windows():
     rb = model.replay_buffer
     assert rb.full and rb.has_plan.all()
     batch = rb.sample(16)
-    assert batch.observations.shape == (model.horizon + 1, 16, 17)
+    assert batch.observations.shape == (model.policy.planner.horizon + 1, 16, 17)
     assert torch.isfinite(batch.observations).all()
 
 
@@ -132,8 +132,8 @@ def test_check_syncs_runs_plans_updates_and_reanalyzes_on_cpu(monkeypatch):
                           latent_dim=16, mlp_dim=16, enc_dim=16, num_samples=16, num_elites=4, num_pi_trajs=2,
                           iterations=1)
     bm.check_syncs(model, batch_size=16)
-    assert model._n_policy_updates == 8 and model._plan_writes == []
-    assert model.reanalyze_interval == 2 and writes == [3 * 2] * 4  # 4 reanalyzes of H × 2 states
+    assert model._n_policy_updates == 8 and model.reanalyzer.pending == 0
+    assert model.reanalyzer.interval == 2 and writes == [3 * 2] * 4  # 4 reanalyzes of H × 2 states
 
 
 def test_cli_compile_rows(tmp_path):

@@ -24,7 +24,7 @@ def test_compiled_plan_equals_eager(randomize) -> None:
     noise = policy.planner.draw_noise(3, 1, policy.model.num_q, obs.device)
     compiled = policy.plan(obs, warm, deterministic=False, noise=noise)
     assert policy._compiled_plan is not None
-    eager = policy._plan_core(obs, warm, False, noise, policy.planner, None)
+    eager = policy.plan(obs, warm, deterministic=False, noise=noise, eager=True)
     assert eager.value.abs().max() > 1e-3, "the randomised model should give non-zero plan values"
     for name in ("action", "plan_mean", "plan_std", "mean", "value"):
         a, b = getattr(compiled, name), getattr(eager, name)
@@ -47,7 +47,7 @@ def test_compiled_update_equals_eager(update_dtype) -> None:
         model.policy.set_training_mode(True)
         np.random.seed(0)
         torch.manual_seed(0)
-        logs = [model._update(8, pretrain=False) for _ in range(2)]
+        logs = [model.update(8) for _ in range(2)]
         results.append((logs, {k: v.detach().clone() for k, v in model.policy.state_dict().items()}))
     (logs_e, params_e), (logs_c, params_c) = results
     tol = dict(atol=1e-4, rtol=1e-4) if update_dtype == "float32" else dict(atol=2e-2, rtol=2e-2)

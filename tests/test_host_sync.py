@@ -151,11 +151,11 @@ def test_plan_and_update_never_wait_for_the_device(monkeypatch: pytest.MonkeyPat
 
     model.policy.set_training_mode(True)
     with HostSyncRecorder() as rec:
-        logs = [model._update(16, pretrain=False) for _ in range(3)]
+        logs = [model.update(16) for _ in range(3)]
     assert rec.syncs == [], rec.syncs
     assert all(v.device.type in ("meta", "cpu") for log in logs for v in log.values())
     assert "policy_loss" in logs[-1] and logs[-1]["policy_loss"].device.type == "meta"
     # the lazy-reanalyze write-back is the only device -> host copy, and it does not wait
     reanalyzes = overrides.get("reanalyze_interval", 0) and 3 // overrides["reanalyze_interval"]
     assert rec.async_copies_to_host == reanalyzes
-    assert len(model._plan_writes) == (1 if reanalyzes else 0)  # the last one waits for train()'s flush
+    assert model.reanalyzer.pending == (1 if reanalyzes else 0)  # the last one waits for train()'s flush
