@@ -7,7 +7,7 @@ Variants (same env, seed, steps and CPU-friendly sizes):
 - ``pompc-forward``: ``preset="pompc", prior="forward"`` (λ = 1, learned prior fitted by KL(π^P ‖ π_p))
 - ``pompc-reverse``: ``preset="pompc", prior="reverse"`` (λ = 1, learned prior fitted by KL(π_p ‖ π^P))
 
-Each variant trains with examples/train_dmc.py's ``train()`` into ``<out>/<variant>/`` (eval.csv, curve.png,
+Each variant trains with :func:`sb3_pompc.train.train` into ``<out>/<variant>/`` (eval.csv, curve.png,
 progress.csv from an SB3 CSV logger, summary.json, model.zip). Then ``<out>/summary.md`` tabulates every variant
 folder found in ``<out>`` (so ``--only`` runs done one at a time add up), and ``<out>/kl_diagnostics.png`` compares
 their KL logs (examples/plot_kl_diagnostics.py).
@@ -35,12 +35,9 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from plot_kl_diagnostics import kl_summary, plot_kl_diagnostics, read_progress  # noqa: E402
-from train_dmc import (  # noqa: E402
-    build_model_kwargs,
-    parse_overrides,
-    resolve_anchors,
-    train,
-)
+
+from sb3_pompc.cli import parse_overrides  # noqa: E402
+from sb3_pompc.train import build_model_kwargs, train  # noqa: E402
 
 # the presets that refresh stale π^P keep lazy reanalyze on the CPU, in a cheap form (the CPU sizes switch it off)
 _CHEAP_REANALYZE = dict(reanalyze_interval=10, reanalyze_batch_size=4, reanalyze_num_samples=32)
@@ -107,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     p.add_argument("--device", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="POMPC keyword argument applied to every variant (repeatable)")
-    p.add_argument("--anchors", default=None)
+    p.add_argument("--no-anchors", action="store_true", help="do not draw the published curves")
     p.add_argument("--skip-existing", action="store_true", help="do not rerun variants that have a summary.json")
     p.add_argument("--table-only", action="store_true", help="only rebuild summary.md and kl_diagnostics.png")
     p.add_argument("--quiet", action="store_true")
@@ -124,7 +121,6 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         raise SystemExit(f"unknown variants {unknown}; choose among {list(VARIANTS)}")
     overrides = parse_overrides(args.set)
     if not args.table_only:
-        anchors = resolve_anchors(args.anchors)
         for name in names:
             if args.skip_existing and (out / name / "summary.json").is_file():
                 print(f"[{name}] exists, skipped")
@@ -134,8 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             kwargs = build_model_kwargs(v["preset"], v.get("kl_coef"), v.get("prior"), not args.full, args.seed,
                                         args.device, {**extra, **overrides})
             print(f"[{name}] training {args.steps} steps on {args.env}", flush=True)
-            train(args.env, args.steps, out / name, kwargs, args.eval_freq, args.eval_episodes, True, anchors,
-                  label=name, verbose=0 if args.quiet else 1)
+            train(args.env, args.steps, out / name, kwargs, args.eval_freq, args.eval_episodes, True,
+                  not args.no_anchors, label=name, verbose=0 if args.quiet else 1, cpu=not args.full)
     table = summary_table(out)
     (out / "summary.md").write_text(table)
     dirs = [out / v for v in VARIANTS] + sorted(p for p in out.iterdir() if p.name not in VARIANTS)

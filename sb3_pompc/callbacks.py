@@ -1,6 +1,7 @@
-"""Callbacks used by the examples and the zoo: a periodic evaluation that writes a learning curve.
+"""Callbacks of the training job (``python -m sb3_pompc.train``): a periodic evaluation that writes a learning
+curve, with an optional progress bar per evaluation, and a progress bar over the training steps.
 
-Nothing inside the package imports this module (only ``examples/`` and ``zoo.py`` do).
+The algorithm itself never imports this module.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import gymnasium as gym
 import numpy as np
@@ -20,10 +21,32 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, sync_envs_normalization
+from tqdm.auto import tqdm
 
-__all__ = ["EVAL_CSV_HEADER", "EvalCurveCallback", "read_eval_csv"]
+__all__ = ["EVAL_CSV_HEADER", "EvalCurveCallback", "TrainingProgressBar", "episode_length", "read_eval_csv"]
 
-EVAL_CSV_HEADER = ("step", "mean_return", "std_return", "wall_time_s")
+EVAL_CSV_HEADER = ("step", "mean", "std", "wall_time_s")
+# read_eval_csv also reads files with these column names (same meaning)
+_LEGACY_HEADER = ("step", "mean_return", "std_return", "wall_time_s")
+
+
+def episode_length(env: Union[gym.Env, VecEnv]) -> Optional[int]:
+    """Steps per episode of an env: its ``episode_length`` attribute (the ``dmc/`` ids), else its time limit, else
+    None.
+
+    :param env: a Gymnasium env or a VecEnv (its first env is asked)
+    """
+    def get(name: str) -> Any:
+        try:
+            return env.get_attr(name)[0] if isinstance(env, VecEnv) else getattr(env.unwrapped, name, None)
+        except (AttributeError, KeyError, IndexError):
+            return None
+
+    length = get("episode_length")
+    if length:
+        return int(length)
+    spec = env.spec if not isinstance(env, VecEnv) else get("spec")
+    return int(spec.max_episode_steps) if spec is not None and spec.max_episode_steps else None
 
 
 class EvalCurveCallback(BaseCallback):
@@ -34,7 +57,7 @@ class EvalCurveCallback(BaseCallback):
     inside a forked torch/numpy/python RNG state seeded with ``eval_seed``: evaluating never changes the random
     stream of training, so a run's training trajectory does not depend on ``eval_freq``.
 
-    Rows: ``step,mean_return,std_return,wall_time_s`` where ``step`` is ``model.num_timesteps`` (total env steps
+    Rows: ``step,mean,std,wall_time_s`` where ``step`` is ``model.num_timesteps`` (total env steps
     over all training envs), the return statistics are over ``n_eval_episodes`` episodes, and ``wall_time_s`` is
     the training wall time since the start of ``learn()`` **excluding the time spent evaluating**. The
     evaluation time is kept in :attr:`eval_time_s`. Values are also recorded under ``eval/`` in the SB3 logger.
@@ -47,6 +70,8 @@ class EvalCurveCallback(BaseCallback):
     :param eval_seed: seed of the evaluation env and of the RNG used while evaluating (None = no seeding)
     :param eval_at_start: also evaluate at step 0, before any training (the published curves start at 0)
     :param eval_at_end: also evaluate when training ends, if the last evaluation was at an earlier step
+    :param progress_bar: show a tqdm bar with an ETA during each evaluation (over environment steps when the
+        episode length is known, else over episodes); it sits below a :class:`TrainingProgressBar`
     :param verbose: 1 prints one line per evaluation
     """
 
@@ -60,6 +85,7 @@ class EvalCurveCallback(BaseCallback):
         eval_seed: Optional[int] = None,
         eval_at_start: bool = True,
         eval_at_end: bool = True,
+        progress_bar: bool = False,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
@@ -78,6 +104,7 @@ class EvalCurveCallback(BaseCallback):
         self.eval_seed = eval_seed
         self.eval_at_start = eval_at_start
         self.eval_at_end = eval_at_end
+        self.progress_bar = progress_bar
         self.rows: list[tuple[int, float, float, float]] = []
         self.eval_time_s = 0.0
         self._t_start = 0.0
@@ -100,6 +127,29 @@ class EvalCurveCallback(BaseCallback):
             return [device.index if device.index is not None else torch.cuda.current_device()]
         return []
 
+    def episode_length(self) -> Optional[int]:
+        """Steps per evaluation episode (see :func:`episode_length`)."""
+        return episode_length(self.eval_env)
+
+    def _make_bar(self, step: int) -> tuple[Any, Any]:
+        """The evaluation's tqdm bar and the ``evaluate_policy`` callback that advances it (None, None if off)."""
+        if not self.progress_bar:
+            return None, None
+        length = self.episode_length()
+        desc = f"eval @ {step}"
+        if length is not None:
+            bar = tqdm(total=self.n_eval_episodes * length, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+            def advance(locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
+                bar.update(1)  # evaluate_policy calls this once per env and step
+        else:
+            bar = tqdm(total=self.n_eval_episodes, desc=desc, unit="episode", leave=False, dynamic_ncols=True)
+
+            def advance(locals_: dict[str, Any], globals_: dict[str, Any]) -> None:
+                if locals_.get("done"):
+                    bar.update(1)
+        return bar, advance
+
     def _evaluate(self) -> None:
         t0 = time.perf_counter()
         wall = t0 - self._t_start - self.eval_time_s
@@ -109,6 +159,7 @@ class EvalCurveCallback(BaseCallback):
             raise AssertionError(
                 "Training and eval env are not wrapped the same way (VecNormalize on one side only)"
             ) from e
+        bar, advance = self._make_bar(int(self.num_timesteps))
         np_state, py_state = np.random.get_state(), random.getstate()
         with torch.random.fork_rng(devices=self._rng_devices()):
             if self.eval_seed is not None:
@@ -124,7 +175,10 @@ class EvalCurveCallback(BaseCallback):
                     n_eval_episodes=self.n_eval_episodes,
                     deterministic=self.deterministic,
                     return_episode_rewards=True,
+                    callback=advance,
                 )
+        if bar is not None:
+            bar.close()
         np.random.set_state(np_state)
         random.setstate(py_state)
         returns_arr = np.asarray(returns, dtype=np.float64)
@@ -137,11 +191,10 @@ class EvalCurveCallback(BaseCallback):
         self.logger.record("eval/std_reward", std)
         self.logger.record("eval/step", step)
         self.eval_time_s += time.perf_counter() - t0
-        if self.verbose >= 1:
-            print(
+        if self.verbose >= 1:  # tqdm.write keeps open progress bars intact
+            tqdm.write(
                 f"eval step={step} return={mean:.1f} ± {std:.1f} ({self.n_eval_episodes} episodes) "
-                f"train_time={wall:.0f}s eval_time={time.perf_counter() - t0:.1f}s",
-                flush=True,
+                f"train_time={wall:.0f}s eval_time={time.perf_counter() - t0:.1f}s"
             )
 
     def _write(self) -> None:
@@ -175,16 +228,54 @@ class EvalCurveCallback(BaseCallback):
             self._evaluate()
 
 
+class TrainingProgressBar(BaseCallback):
+    """A tqdm bar over the environment steps of ``learn()`` with rate and ETA; during the random warm-up
+    (``model.learning_starts``) its label says so.
+
+    SB3's ``learn(progress_bar=True)`` draws a rich live display, which cannot share the terminal with a second bar;
+    this plain tqdm bar leaves room for the evaluation bar of :class:`EvalCurveCallback` below it.
+
+    :param desc: text in front of the bar
+    :param mininterval: seconds between redraws
+    """
+
+    def __init__(self, desc: str = "training", mininterval: float = 0.5) -> None:
+        super().__init__(0)
+        self.desc = desc
+        self.mininterval = mininterval
+        self.bar: Any = None
+        self._warmup = 0
+
+    def _on_training_start(self) -> None:
+        total = int(self.locals["total_timesteps"]) - int(self.model.num_timesteps)
+        self._warmup = int(getattr(self.model, "learning_starts", 0) or 0)
+        desc = "warm-up" if self.model.num_timesteps < self._warmup else self.desc
+        self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=self.mininterval,
+                        smoothing=0.05)
+
+    def _on_step(self) -> bool:
+        self.bar.update(self.training_env.num_envs)
+        if self._warmup and self.num_timesteps >= self._warmup:
+            self._warmup = 0
+            self.bar.set_description_str(self.desc)
+        return True
+
+    def _on_training_end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def read_eval_csv(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
-    """Read an ``eval.csv`` written by :class:`EvalCurveCallback` into arrays keyed by the header's columns.
+    """Read an ``eval.csv`` written by :class:`EvalCurveCallback` into arrays keyed by its columns. A file with the
+    columns ``step,mean_return,std_return,wall_time_s`` is read under the same keys.
 
     :param path: the CSV file
-    :return: ``{"step": int64 array, "mean_return": ..., "std_return": ..., "wall_time_s": ...}``
+    :return: ``{"step": int64 array, "mean": ..., "std": ..., "wall_time_s": ...}``
     """
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if header is None or tuple(header) != EVAL_CSV_HEADER:
+        if header is None or tuple(header) not in (EVAL_CSV_HEADER, _LEGACY_HEADER):
             raise ValueError(f"{path}: expected the header {','.join(EVAL_CSV_HEADER)}, got {header}")
         rows = [r for r in reader if r]
     data = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(EVAL_CSV_HEADER))

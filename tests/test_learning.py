@@ -16,16 +16,12 @@ from stable_baselines3.common.monitor import Monitor
 
 import sb3_pompc  # noqa: F401  (registers the dmc ids)
 from sb3_pompc import POMPC
+from sb3_pompc.presets import CPU_SETTINGS  # the settings of the README's main command (--cpu)
 
 # a small model that learns Pendulum in a few thousand steps on one CPU core
 PENDULUM_SMALL = dict(
     model_size=None, latent_dim=64, mlp_dim=128, enc_dim=64, num_q=2, num_samples=128, num_elites=16,
     num_pi_trajs=8, iterations=3, batch_size=64, reanalyze_interval=0,
-)
-# the CPU-friendly DMControl settings of the README's main command (examples/train_dmc.py --cpu)
-DMC_CPU = dict(
-    model_size=1, num_samples=64, num_elites=8, num_pi_trajs=4, iterations=3, batch_size=64,
-    reanalyze_interval=0, pretrain_updates=500,
 )
 
 
@@ -90,7 +86,7 @@ def test_pendulum_10k() -> None:
 @pytest.mark.slow
 def test_cartpole_balance_30k() -> None:
     """Issue 2: dmc/cartpole-balance eval return (10 episodes) ≥ 900 after 30k steps with the CPU preset."""
-    model = _train("dmc/cartpole-balance-v0", 30_000, seed=0, **DMC_CPU)
+    model = _train("dmc/cartpole-balance-v0", 30_000, seed=0, **CPU_SETTINGS)
     score = _evaluate(model, "dmc/cartpole-balance-v0", episodes=10)
     assert _random_return("dmc/cartpole-balance-v0", episodes=10) < 900
     assert score >= 900, f"cartpole-balance eval return {score:.0f} after 30k steps"
