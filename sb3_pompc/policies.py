@@ -14,6 +14,7 @@ from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
+from sb3_pompc.checks import flatten_dict_obs
 from sb3_pompc.math import RunningScale
 from sb3_pompc.planner import MPPIPlanner, PlannerNoise, PlanResult
 from sb3_pompc.speedups import AUTOCAST_DTYPES, autocast
@@ -66,6 +67,8 @@ class POMPCPolicy(BasePolicy):
         self.planner_dtype = planner_dtype
         self.compile = compile
         self._compiled_plan = None
+        #: the Dict space of an env that POMPC flattened (set by the algorithm); ``predict`` flattens such input
+        self.dict_observation_space: Optional[spaces.Dict] = None
         obs_dim = int(np.prod(observation_space.shape))
         act_dim = int(np.prod(action_space.shape))
         self.model = WorldModel(obs_dim, act_dim, **self.model_kwargs)
@@ -159,6 +162,27 @@ class POMPCPolicy(BasePolicy):
             z = self.model.encode(obs)
             return planner.plan(self.model, z, warm_mean, deterministic, noise, pi_log_std_bounds)
 
+    def act(self, observation: np.ndarray, warm_mean: Optional[torch.Tensor],
+            episode_start: Optional[np.ndarray]) -> tuple[np.ndarray, torch.Tensor, tuple[np.ndarray, np.ndarray]]:
+        """One exploring plan per env while training: the warm start of envs whose episode starts is dropped.
+
+        :param observation: the envs' last observations (n_envs, ...)
+        :param warm_mean: the previous plan's MPPI mean (n_envs, H, A), or None
+        :param episode_start: (n_envs,) True where an episode starts
+        :return: actions in [−1, 1] (n_envs, A), the new MPPI mean (the next warm start, on the device), and
+            π^P's mean and std (n_envs, A) for the replay buffer
+        """
+        obs, _ = self.obs_to_flat_tensor(observation)
+        if warm_mean is not None and episode_start is not None:
+            keep = torch.as_tensor(~episode_start, dtype=torch.float32, device=self.device)
+            warm_mean = warm_mean * keep.reshape(-1, 1, 1)
+        self.set_training_mode(False)
+        result = self.plan(obs, warm_mean, deterministic=False)
+        # one device → host transfer per env step: action and π^P together
+        host = torch.cat([result.action, result.plan_mean, result.plan_std], dim=-1).float().cpu().numpy()
+        action, plan_mean, plan_std = np.split(host, 3, axis=-1)
+        return action, result.mean, (plan_mean, plan_std)
+
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> torch.Tensor:
         return self._predict(obs, deterministic)
 
@@ -188,12 +212,15 @@ class POMPCPolicy(BasePolicy):
     ) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """Plan an action per observation.
 
-        :param observation: one observation or a batch (n_envs, ...)
+        :param observation: one observation or a batch (n_envs, ...); Dict observations of an env that POMPC
+            flattened are flattened the same way (``dict_observation_space``)
         :param state: the previous call's returned state (the planner's MPPI mean per env), or None
         :param episode_start: (n_envs,) True where an episode starts (its warm start is dropped)
         :param deterministic: no exploration noise on the executed action
         :return: actions in the env's bounds, and the new state (n_envs, H, A)
         """
+        if isinstance(observation, dict) and self.dict_observation_space is not None:
+            observation = flatten_dict_obs(self.dict_observation_space, observation)
         self.set_training_mode(False)
         obs, vectorized = self.obs_to_flat_tensor(observation)  # type: ignore[arg-type]
         if not bool(torch.isfinite(obs).all()):

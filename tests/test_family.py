@@ -94,7 +94,7 @@ def record_reanalyze(
     :param monkeypatch: pytest's monkeypatch
     :param model: the model to watch
     """
-    original_update, original_reanalyze = model._update, model._reanalyze
+    original_update, original_reanalyze = model._update, model.reanalyzer.reanalyze
     counts = {"pretrain": 0, "policy": 0}
     current: list[tuple[str, int]] = []
     at: list[tuple[str, int]] = []
@@ -112,7 +112,7 @@ def record_reanalyze(
         return returned[-1]
 
     monkeypatch.setattr(model, "_update", update)
-    monkeypatch.setattr(model, "_reanalyze", reanalyze)
+    monkeypatch.setattr(model.reanalyzer, "reanalyze", reanalyze)
     return at, returned
 
 
@@ -181,7 +181,7 @@ def _manually_filled_two_env_model(**overrides: Any) -> POMPC:
 
 
 def test_reanalyze_overwrites_exactly_the_sampled_cells(randomize: Callable[..., torch.nn.Module]) -> None:
-    """``_reanalyze`` re-plans obs[0..H−1] of the first ``reanalyze_batch_size`` windows: exactly those (row, env)
+    """``Reanalyzer.reanalyze`` re-plans obs[0..H−1] of the first ``reanalyze_batch_size`` windows: exactly those (row, env)
     cells of the buffer change (planned π^P, std within the planner bounds), every other cell stays bit-identical,
     the returned batch carries the new stats in its first nb columns and the old ones elsewhere, and each cell's
     π^P is the plan of that cell's own observation."""
@@ -196,12 +196,12 @@ def test_reanalyze_overwrites_exactly_the_sampled_cells(randomize: Callable[...,
     in_mean, in_std, in_has = batch.plan_mean.clone(), batch.plan_std.clone(), batch.has_plan.clone()
 
     torch.manual_seed(123)
-    out = model._reanalyze(batch)
+    out = model.reanalyzer.reanalyze(batch)
     # the new π^P reaches the host buffer without a host sync: queued now, written by the next flush
-    assert len(model._plan_writes) == 1
+    assert model.reanalyzer.pending == 1
     assert np.array_equal(rb.plan_means, snap_mean) and np.array_equal(rb.has_plan, snap_has)
-    model._flush_plan_writes()
-    assert model._plan_writes == []
+    model.reanalyzer.flush()
+    assert model.reanalyzer.pending == 0
 
     written = np.zeros(snap_has.shape, dtype=bool)
     written[batch.rows[:, :nb], batch.env_indices[None, :nb]] = True
@@ -241,14 +241,14 @@ def test_reanalyze_overwrites_exactly_the_sampled_cells(randomize: Callable[...,
     cell_obs = rb.observations[batch.rows[:, :nb], batch.env_indices[None, :nb]].reshape(H * nb, -1)
     torch.manual_seed(123)
     res = model.policy.plan(torch.as_tensor(cell_obs, dtype=torch.float32), None, deterministic=False,
-                            planner=model._reanalyze_planner, pi_log_std_bounds=model.expl_log_std_bounds)
+                            planner=model.reanalyzer.planner, pi_log_std_bounds=model.reanalyzer.log_std_bounds)
     assert len(np.unique(res.plan_mean.numpy().round(4))) > H * nb // 2  # the plans depend on the state
     torch.testing.assert_close(out.plan_mean[:, :nb], res.plan_mean.reshape(H, nb, -1), rtol=0, atol=1e-6)
     torch.testing.assert_close(out.plan_std[:, :nb], res.plan_std.reshape(H, nb, -1), rtol=0, atol=1e-6)
 
 
 def test_plan_writes_are_flushed_in_order_and_only_when_their_copy_has_run() -> None:
-    """``_flush_plan_writes(wait=False)`` writes the finished copies (oldest first) and stops at the first one still
+    """``Reanalyzer.flush(wait=False)`` writes the finished copies (oldest first) and stops at the first one still
     running (no host sync); ``wait=True`` waits for that copy's event, then writes the rest."""
 
     class Copy:  # a CUDA event stand-in
@@ -267,20 +267,20 @@ def test_plan_writes_are_flushed_in_order_and_only_when_their_copy_has_run() -> 
     first, second, third = Copy(True), Copy(False), Copy(True)
     for value, event in ((0.1, first), (0.2, second), (0.3, third)):  # the same two cells, three times
         host = torch.cat([torch.full((2, 1), value), torch.full((2, 1), 1.0 + value)], dim=-1)
-        model._plan_writes.append((rows, envs, host, event))
+        model.reanalyzer._pending.append((rows, envs, host, event))
 
-    model._flush_plan_writes(wait=False)
-    assert len(model._plan_writes) == 2 and not second.waited  # stopped at the running copy
+    model.reanalyzer.flush(wait=False)
+    assert model.reanalyzer.pending == 2 and not second.waited  # stopped at the running copy
     np.testing.assert_allclose(rb.plan_means[rows, envs], [[0.1], [0.1]])
     np.testing.assert_allclose(rb.plan_stds[rows, envs], [[1.1], [1.1]])
-    model._flush_plan_writes()
-    assert model._plan_writes == [] and second.waited and not third.waited
+    model.reanalyzer.flush()
+    assert model.reanalyzer.pending == 0 and second.waited and not third.waited
     np.testing.assert_allclose(rb.plan_means[rows, envs], [[0.3], [0.3]], rtol=1e-6)  # the newest write wins
     assert rb.has_plan[rows, envs].all()
 
 
 def test_update_reanalyzes_every_interval_and_never_while_pretraining(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``_update`` calls ``_reanalyze`` exactly at policy updates k·interval (3rd, 6th, 9th, 12th), never in the
+    """``_update`` calls ``Reanalyzer.reanalyze`` exactly at policy updates k·interval (3rd, 6th, 9th, 12th), never in the
     pretraining burst (where the policy-update counter stays 0, and 0 % interval == 0), and trains on the batch it
     returns."""
     model = _manually_filled_two_env_model(reanalyze_interval=3, reanalyze_batch_size=4)
@@ -293,7 +293,7 @@ def test_update_reanalyzes_every_interval_and_never_while_pretraining(monkeypatc
     has_plan_before = model.replay_buffer.has_plan.copy()
     model.train(gradient_steps=7, batch_size=BATCH)
     # train() ends with every reanalyzed π^P written into the buffer (cells without a plan before now have one)
-    assert model._plan_writes == []
+    assert model.reanalyzer.pending == 0
     assert (model.replay_buffer.has_plan & ~has_plan_before).any()
     model.train(gradient_steps=5, batch_size=BATCH)
     assert model._n_policy_updates == 12
@@ -460,7 +460,7 @@ def test_explicit_arguments_override_the_preset(monkeypatch: pytest.MonkeyPatch)
         wm = model.policy.model
         assert wm.num_q == expected
         assert wm.critic_logits(z, a).shape[0] == expected
-        assert model.current_kl_coef() == 0.0 and model.cfg["policy_squash"] == "tanh"  # the rest of the preset
+        assert model.current_kl_coef() == 0.0 and model.config.policy_squash == "tanh"  # the rest of the preset
         assert model.reanalyze_interval == 0 and model.prior == "planner"
 
 

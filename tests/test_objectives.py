@@ -134,7 +134,7 @@ def test_rho_weights_and_time_weighted_mean(ref):
 def test_tdmpc2_critic_target_is_reward_plus_gamma_min_of_two_random_target_heads(monkeypatch, no_policy_noise, ref):
     algo = _tiny_algo("tdmpc2")
     model = algo.policy.model
-    assert model.num_q == 5 and algo.cfg["target_reduce"] == "min"
+    assert model.num_q == 5 and algo.config.target_reduce == "min"
     _randomize(model.critic_target.parameters())  # distinct target heads, different from the online critic
     H, B, A = algo.horizon, 16, model.action_dim
     batch = _batch(H, B, model.obs_dim, A)

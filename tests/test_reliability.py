@@ -28,6 +28,7 @@ from conftest import TINY_ALGO, tiny_algo
 from sb3_pompc import POMPC
 from sb3_pompc.buffers import POMPCReplayBuffer
 from sb3_pompc.math import symlog
+from sb3_pompc.rng import get_rng_states
 
 torch.set_num_threads(1)
 
@@ -161,11 +162,11 @@ def test_exact_resume_in_a_new_process(tmp_path: Path) -> None:
     whole = POMPC("MlpPolicy", PointMassEnv(EPISODE, REWARD_SCALE), seed=RESUME_SEED, **RESUME_CFG)
     whole.policy.q_scale.value.fill_(5.0)
     whole.learn(2 * K)
-    whole_rng = whole._get_rng_states()
+    whole_rng = get_rng_states(whole.action_space, whole.device)
 
     resumed = POMPC.load(dst)  # restores the resumed run's RNG states into this process
     resumed.load_replay_buffer(dst_buffer)
-    resumed_rng = resumed._get_rng_states()
+    resumed_rng = get_rng_states(resumed.action_space, resumed.device)
 
     for name in ("num_timesteps", "_n_updates", "_n_policy_updates", "_episode_num"):
         assert getattr(resumed, name) == getattr(whole, name), name
