@@ -8,7 +8,9 @@ to ``sb3_pompc.zoo``, which patches it in place:
 - ``rl_zoo3.utils``: ``ALGOS["pompc"] = POMPC`` (importing ``sb3_pompc`` also registers the ``dmc/...`` env ids,
   before ``rl_zoo3.train`` checks ``--env`` against the Gymnasium registry);
 - ``rl_zoo3.hyperparams_opt``: the Optuna sampler and converter of ``pompc``;
-- ``rl_zoo3.exp_manager``: the default hyper-parameter file of ``--algo pompc`` is the packaged ``pompc.yml``.
+- ``rl_zoo3.exp_manager``: the default hyper-parameter file of ``--algo pompc`` is the packaged ``pompc.yml``
+  (``-conf pompc_cpu.yml`` names the packaged CPU-sized one), and an SQL ``--storage`` is created safely by
+  workers that start together.
 
 This module imports nothing but ``sys`` at start-up (torch, SB3 and rl-zoo3 are only imported by a process that
 imports rl-zoo3 itself), so it costs other Python processes a fraction of a millisecond. If registration fails,
@@ -21,7 +23,7 @@ import sys  # the only import: typing alone would cost ~20 ms at every interpret
 
 __all__ = ["TARGETS", "ZooImportFinder", "install", "installed"]
 
-#: the rl-zoo3 modules patched after they have been executed
+#: the rl-zoo3 modules patched after they have been executed (the one list of them; ``sb3_pompc.zoo`` patches each)
 TARGETS = ("rl_zoo3.utils", "rl_zoo3.hyperparams_opt", "rl_zoo3.exp_manager")
 
 

@@ -359,3 +359,147 @@ def test_works_in_sb3_vec_envs():
     obs = dummy.reset()
     obs, rewards, dones, _ = dummy.step(np.zeros((1, 6), dtype=np.float32))
     assert obs.shape == (1, 17) and not dones[0] and np.isfinite(rewards).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# episode length: every way of setting it, the smallest active limit wins
+# ---------------------------------------------------------------------------------------------------------------
+def _pendulum_limit_70():
+    from stable_baselines3.common.monitor import Monitor
+
+    return Monitor(gym.wrappers.TimeLimit(gym.make("Pendulum-v1"), 70))
+
+
+def _dmc_length_90():
+    from stable_baselines3.common.monitor import Monitor
+
+    return Monitor(gym.make("dmc/cartpole-balance-v0", episode_length=90))
+
+
+def _pendulum_registered():
+    return gym.make("Pendulum-v1")
+
+
+def _steps_to_truncation(env: gym.Env, cap: int = 1000) -> int:
+    """Agent steps until the first truncation, played out (the ground truth of an episode length)."""
+    env.reset(seed=0)
+    for t in range(1, cap + 1):
+        *_, terminated, truncated, _ = env.step(np.zeros(env.action_space.shape, dtype=np.float32))
+        assert not terminated
+        if truncated:
+            return t
+    return cap + 1
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: gym.make("dmc/cartpole-balance-v0"), 500),  # the env's own episode_length
+        (lambda: gym.make("dmc/cartpole-balance-v0", episode_length=40), 40),
+        (lambda: gym.make("dmc/cartpole-balance-v0", max_episode_steps=30), 30),  # TimeLimit below episode_length
+        (lambda: gym.make("Pendulum-v1"), 200),  # the registered spec default
+        (lambda: gym.make("Pendulum-v1", max_episode_steps=50), 50),
+        (lambda: gym.wrappers.TimeLimit(gym.make("Pendulum-v1"), 60), 60),  # by hand, below the registered 200
+        (lambda: gym.wrappers.TimeLimit(gym.make("Pendulum-v1"), 300), 200),  # by hand, but 200 truncates first
+        (lambda: gym.wrappers.ClipAction(gym.wrappers.TimeLimit(gym.make("Pendulum-v1", max_episode_steps=300),
+                                                                 80)), 80),  # through another wrapper
+        (lambda: gym.wrappers.TimeLimit(make_dmc_env("cartpole", "balance", episode_length=25), 35), 25),
+    ],
+    ids=["dmc", "dmc-episode_length", "dmc-max_episode_steps", "spec", "make-max_episode_steps", "TimeLimit-60",
+         "TimeLimit-300-over-200", "TimeLimit-under-ClipAction", "TimeLimit-over-dmc-25"],
+)
+def test_episode_length_is_what_truncates_first(make, expected):
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    env = make()
+    assert _steps_to_truncation(env) == expected  # played out: the length really is what truncates
+    assert get_episode_length(env) == expected
+    assert get_episode_length(Monitor(make())) == expected
+    venv = DummyVecEnv([lambda: Monitor(make())])
+    assert get_episode_length(venv) == expected
+    assert get_episode_length(VecNormalize(venv)) == expected
+
+
+def test_episode_length_spec_fallback_and_unknown():
+    from types import SimpleNamespace
+
+    # an env with a spec but no wrapper chain (the fallback) and one with neither (unknown)
+    assert get_episode_length(SimpleNamespace(spec=SimpleNamespace(max_episode_steps=123))) == 123
+    assert get_episode_length(gym.make("Pendulum-v1").unwrapped) is None  # nothing truncates it
+    assert get_episode_length(gym.make("Pendulum-v1", max_episode_steps=None).unwrapped) is None
+
+
+def test_episode_length_through_subproc_vec_env():
+    from stable_baselines3.common.vec_env import SubprocVecEnv, VecNormalize
+
+    for make, expected in ((_pendulum_limit_70, 70), (_dmc_length_90, 90), (_pendulum_registered, 200)):
+        venv = SubprocVecEnv([make, make], start_method="fork")
+        try:
+            assert get_episode_length(VecNormalize(venv)) == expected
+        finally:
+            venv.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# headless machines
+# ---------------------------------------------------------------------------------------------------------------
+def test_select_headless_mujoco_gl_rules():
+    from sb3_pompc.envs import select_headless_mujoco_gl
+
+    def loads_only(*names):
+        return lambda libraries: any(n in lib for lib in libraries for n in names)
+
+    env = {}
+    assert select_headless_mujoco_gl(env, "linux", loads_only("EGL", "OSMesa")) == "egl" and env["MUJOCO_GL"] == "egl"
+    env = {}
+    assert select_headless_mujoco_gl(env, "linux", loads_only("OSMesa")) == "osmesa" and env == {"MUJOCO_GL": "osmesa"}
+    env = {}
+    assert select_headless_mujoco_gl(env, "linux", loads_only()) is None and env == {}
+    for env in ({"MUJOCO_GL": "glfw"}, {"DISPLAY": ":0"}, {"WAYLAND_DISPLAY": "wayland-0"}):
+        before = dict(env)
+        assert select_headless_mujoco_gl(env, "linux", loads_only("EGL")) is None and env == before
+    env = {}
+    assert select_headless_mujoco_gl(env, "darwin", loads_only("EGL")) is None and env == {}
+
+
+def _egl_loads() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libEGL.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def test_headless_dmc_env_prints_no_glfw_warning(tmp_path):
+    """No DISPLAY and no MUJOCO_GL: importing sb3_pompc picks a backend, and neither building and stepping a dmc env
+    nor initialising GLFW prints GLFW's missing-DISPLAY warning."""
+    code = (
+        "import os, sb3_pompc, gymnasium as gym\n"
+        "env = gym.make('dmc/cartpole-balance-v0'); env.reset(seed=0); env.step(env.action_space.sample())\n"
+        "print('MUJOCO_GL', os.environ.get('MUJOCO_GL'))\n"
+        "import glfw; glfw.init()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MUJOCO_GL", "PYTHONWARNINGS",
+                                                             "PYOPENGL_PLATFORM")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "DISPLAY environment variable is missing" not in out.stderr and "GLFWError" not in out.stderr, out.stderr
+    if _egl_loads():
+        assert "MUJOCO_GL egl" in out.stdout
+    # without sb3_pompc, the same GLFW call does print the warning (the check above can fail)
+    bare = subprocess.run([sys.executable, "-c", "import glfw; glfw.init()"], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=tmp_path)
+    assert "DISPLAY environment variable is missing" in bare.stderr
+
+
+def test_explicit_mujoco_gl_is_kept(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["MUJOCO_GL"] = "disable"
+    code = "import os, sb3_pompc.envs; print(os.environ['MUJOCO_GL'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "disable", out.stderr

@@ -33,6 +33,7 @@ import yaml
 from conftest import TINY_ALGO
 
 from sb3_pompc import POMPC, zoo
+from sb3_pompc.presets import CPU_SETTINGS, PRESETS
 
 torch.set_num_threads(1)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -123,7 +124,8 @@ def test_wheel_ships_pth_hook_and_yml(wheel_venv: SimpleNamespace) -> None:
     import zipfile
 
     names = set(zipfile.ZipFile(wheel_venv.wheel).namelist())
-    shipped = {"sb3_pompc_zoo.pth", "sb3_pompc_zoo_hook.py", "sb3_pompc/hyperparams/pompc.yml", "sb3_pompc/zoo.py"}
+    shipped = {"sb3_pompc_zoo.pth", "sb3_pompc_zoo_hook.py", "sb3_pompc/hyperparams/pompc.yml",
+               "sb3_pompc/hyperparams/pompc_cpu.yml", "sb3_pompc/zoo.py"}
     assert shipped <= names
     pth = zipfile.ZipFile(wheel_venv.wheel).read("sb3_pompc_zoo.pth").decode()
     assert pth.strip() == "import sb3_pompc_zoo_hook"
@@ -295,16 +297,9 @@ def test_optimize_two_trials_and_reuse_a_trial(wheel_venv: SimpleNamespace, tmp_
         assert config[key] == expected[key], key
 
 
-@pytest.mark.parametrize("backend", ["journal", pytest.param("sqlite", marks=pytest.mark.slow)])
-def test_two_workers_share_one_study(wheel_venv: SimpleNamespace, tmp_path: Path, backend: str) -> None:
-    """Two rl-zoo3 workers started with the same --storage/--study-name run a 4-trial study together (the RDB
-    variant is marked slow: same check, another Optuna storage)."""
-    if backend == "journal":
-        storage_arg, storage = str(tmp_path / "study.log"), _journal(tmp_path / "study.log")
-    else:
-        # an RDB's schema must exist before workers start (what `optuna create-study` does; optuna issue #1092)
-        storage_arg = storage = f"sqlite:///{tmp_path / 'study.db'}"
-        optuna.create_study(storage=storage, study_name="shared", direction="maximize")
+def test_two_workers_share_one_study(wheel_venv: SimpleNamespace, tmp_path: Path) -> None:
+    """Two rl-zoo3 workers started with the same --storage/--study-name run a 4-trial study together."""
+    storage_arg, storage = str(tmp_path / "study.log"), _journal(tmp_path / "study.log")
     cmd = [str(wheel_venv.python), "-m", "rl_zoo3.train", "--algo", "pompc", "--env", "Pendulum-v1", "-n", "120",
            "-optimize", "--n-trials", "2", "--sampler", "tpe", "--pruner", "none", "--eval-episodes", "1",
            "--no-optim-plots", "--storage", storage_arg, "--study-name", "shared", *COMMON]
@@ -326,6 +321,77 @@ def test_two_workers_share_one_study(wheel_venv: SimpleNamespace, tmp_path: Path
     assert {str(p.pid) for p in procs} == {w.rsplit(":", 1)[1] for w in workers}
 
 
+#: a worker that waits for the other before it first opens the SQL storage, so that both create the tables at once
+_RACE_WORKER = """
+import sys, time
+from pathlib import Path
+import optuna
+barrier, name = Path(sys.argv[1]), sys.argv[2]
+original = optuna.storages.RDBStorage.__init__
+def synchronised(self, *args, **kwargs):
+    if not getattr(synchronised, "done", False):
+        synchronised.done = True
+        (barrier / name).touch()
+        deadline = time.time() + 120
+        while len(list(barrier.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.002)
+    original(self, *args, **kwargs)
+optuna.storages.RDBStorage.__init__ = synchronised
+from rl_zoo3.train import train
+sys.argv = ["rl_zoo3.train", *sys.argv[3:]]
+train()
+"""
+
+
+def test_two_workers_start_together_on_a_new_sqlite_file(tmp_path: Path) -> None:
+    """Two workers open a new SQLite storage at the same moment: both run their trial (no IntegrityError)."""
+    url = f"sqlite:///{tmp_path / 'new_study.db'}"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    args = ["--algo", "pompc", "--env", "Pendulum-v1", "-n", "60", "-optimize", "--n-trials", "1", "--sampler",
+            "random", "--pruner", "none", "--eval-episodes", "1", "--no-optim-plots", "--storage", url,
+            "--study-name", "race", *COMMON]
+    procs = []
+    for worker in (1, 2):
+        cwd = tmp_path / f"worker{worker}"
+        cwd.mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-c", _RACE_WORKER, str(barrier), str(worker), *args,
+                                       "--seed", str(worker)], cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-6000:]
+    assert len(list(barrier.iterdir())) == 2  # both reached the storage
+    trials = optuna.load_study(study_name="race", storage=url).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials} == {str(p.pid) for p in procs}
+
+
+def _create_storage_at_a_barrier(url: str, barrier: Any, queue: Any) -> None:
+    barrier.wait()
+    try:
+        zoo.create_storage(url)
+        queue.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_create_storage_is_safe_for_simultaneous_workers(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(2):
+        url = f"sqlite:///{tmp_path / f'fresh{attempt}.db'}"
+        barrier, queue = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_create_storage_at_a_barrier, args=(url, barrier, queue)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [queue.get(timeout=5) for _ in procs] == ["ok"] * 4
+        assert optuna.create_study(storage=url, study_name="s").study_name == "s"  # a usable schema
+
+
 # ------------------------------------------------------------------------------------------------ sampler (in-process)
 def _sample(trial: Any, base: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     token = zoo._BASE_HYPERPARAMS.set(base if base is not None else dict(TINY))
@@ -335,15 +401,41 @@ def _sample(trial: Any, base: Optional[dict[str, Any]] = None) -> dict[str, Any]
         zoo._BASE_HYPERPARAMS.reset(token)
 
 
-def _check_invariants(kwargs: dict[str, Any], params: dict[str, Any]) -> None:
-    lam = kwargs["kl_coef"]
+def _expected_lambda(params: dict[str, Any]) -> Any:
+    """λ of a trial, written out: the preset's for the preset modes, α/(1 − α) for "alpha"."""
     mode = params["kl_mode"]
-    assert {"zero": lam == 0.0, "inf": lam == math.inf, "auto": lam == "auto",
-            "finite": isinstance(lam, float) and zoo.KL_COEF_RANGE[0] <= lam <= zoo.KL_COEF_RANGE[1]}[mode]
-    assert kwargs["critic"] == "q" or lam == math.inf
-    assert not (kwargs["kl_value"] and lam == math.inf)
-    assert kwargs["prior"] in zoo.PRIORS and (mode != "zero" or kwargs["prior"] == "planner")
+    if mode in ("tdmpc2", "bmpc"):
+        return {"tdmpc2": 0.0, "bmpc": math.inf}[mode]
+    if mode == "auto":
+        return "auto"
+    alpha = params["kl_alpha"]
+    return math.inf if alpha == 1.0 else alpha / (1.0 - alpha)
+
+
+def _check_invariants(kwargs: dict[str, Any], params: dict[str, Any]) -> None:
+    mode, lam = params["kl_mode"], _expected_lambda(params)
+    if mode in ("tdmpc2", "bmpc"):  # the preset fills λ, the prior and the critic
+        assert kwargs["preset"] == mode and kwargs["kl_coef"] is kwargs["prior"] is kwargs["critic"] is None
+    else:
+        assert kwargs["preset"] == "pompc" and kwargs["critic"] is None and kwargs["prior"] in zoo.PRIORS
+        assert kwargs["kl_coef"] == lam or (lam != "auto" and math.isclose(kwargs["kl_coef"], lam))
+        assert lam != 0.0 or kwargs["prior"] == "planner"
+    assert not (kwargs["kl_value"] and lam in (0.0, math.inf))  # never with λ = ∞ (invalid), nor λ = 0 (pointless)
     assert zoo.convert_pompc_params(params) == kwargs  # what --trial-id rebuilds from the stored params
+
+
+def test_alpha_is_uniform_on_zero_one_with_both_ends() -> None:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"kl_mode": "alpha"})
+    trial = study.ask()
+    _sample(trial)
+    dist = trial.distributions["kl_alpha"]
+    assert (dist.low, dist.high, dist.log) == (0.0, 1.0, False) and dist.step is not None
+    assert math.isclose(round(1.0 / dist.step) * dist.step, 1.0)  # both ends lie on the grid
+    assert zoo.alpha_to_kl_coef(0.0) == 0.0 and zoo.alpha_to_kl_coef(1.0) == float("inf")
+    assert zoo.alpha_to_kl_coef(0.5) == 1.0 and math.isclose(zoo.alpha_to_kl_coef(0.8), 4.0)
+    with pytest.raises(ValueError):
+        zoo.alpha_to_kl_coef(1.5)
 
 
 def test_sampler_gives_valid_pompc_kwargs_for_many_trials() -> None:
@@ -355,12 +447,13 @@ def test_sampler_gives_valid_pompc_kwargs_for_many_trials() -> None:
         kwargs = _sample(trial)
         _check_invariants(kwargs, trial.params)
         model = POMPC("MlpPolicy", env, **{**TINY, **kwargs}, seed=0)
-        assert model.prior == kwargs["prior"] and model.horizon == kwargs["horizon"]
-        assert model.kl_coef_init == (1.0 if kwargs["kl_coef"] == "auto" else kwargs["kl_coef"])
-        assert model.kl_coef_auto == (kwargs["kl_coef"] == "auto")
+        lam = _expected_lambda(trial.params)
+        assert model.preset == kwargs["preset"] and model.horizon == kwargs["horizon"]
+        assert model.kl_coef_init == (1.0 if lam == "auto" else lam)
         assert (model.policy.model.kl_critic is not None) == kwargs["kl_value"]
+        assert model.policy.model.critic_type == ("v" if kwargs["preset"] == "bmpc" else "q")
         seen_modes.add(trial.params["kl_mode"])
-        seen_critics.add(kwargs["critic"])
+        seen_critics.add(model.policy.model.critic_type)
         study.tell(trial, 0.0)
     assert seen_modes == set(zoo.KL_MODES) and seen_critics == {"q", "v"}
 
@@ -368,35 +461,40 @@ def test_sampler_gives_valid_pompc_kwargs_for_many_trials() -> None:
 @pytest.mark.parametrize(
     "params",
     [
-        dict(kl_mode="zero", horizon=1),
-        dict(kl_mode="finite", kl_coef=0.01, prior="planner", kl_value=True, horizon=1),
-        dict(kl_mode="finite", kl_coef=100.0, prior="forward", kl_value=True, horizon=5),
+        dict(kl_mode="tdmpc2", horizon=1),
+        dict(kl_mode="bmpc", horizon=3),
+        dict(kl_mode="alpha", kl_alpha=0.0, horizon=2),
+        dict(kl_mode="alpha", kl_alpha=0.02, prior="planner", kl_value=True, horizon=1),
+        dict(kl_mode="alpha", kl_alpha=0.98, prior="forward", kl_value=True, horizon=5),
+        dict(kl_mode="alpha", kl_alpha=1.0, prior="reverse", horizon=2),
         dict(kl_mode="auto", target_kl=0.05, prior="reverse", kl_value=False, horizon=2),
-        dict(kl_mode="inf", prior="planner", critic="v", horizon=3),
-        dict(kl_mode="inf", prior="reverse", critic="q", horizon=2),
     ],
-    ids=["zero-H1", "finite-lo-kl_value-H1", "finite-hi-forward-H5", "auto", "inf-v", "inf-q-reverse"],
+    ids=["tdmpc2-H1", "bmpc", "alpha0", "alpha-lo-kl_value-H1", "alpha-hi-forward-H5", "alpha1-reverse", "auto"],
 )
 def test_sampled_extremes_train(params: dict[str, Any]) -> None:
-    """λ = 0 and ∞ (and the ends of the log range) give kwargs that not only construct but train, also from a
-    base configuration whose preset (bmpc: V critic) conflicts with a finite λ."""
+    """Every mode, and both ends of α, give kwargs that train, also over a zoo configuration whose λ, prior and
+    critic contradict the trial's preset (the trial's None lets the preset fill them)."""
     fixed = optuna.trial.FixedTrial({**params, "learning_rate": 3e-4, "entropy_coef": 1e-4, "batch_size": 16,
                                      "num_samples": 32})
-    for preset in ("pompc", "bmpc"):
-        kwargs = _sample(fixed)
-        _check_invariants(kwargs, fixed.params)
-        env = gym.make("Pendulum-v1", max_episode_steps=30)
-        model = POMPC("MlpPolicy", env, **{**TINY, "pretrain_updates": 2, **kwargs}, preset=preset, seed=0)
-        model.learn(60)
-        assert model._n_updates == 2 + 10
-        assert model.policy.model.critic_type == kwargs["critic"]
+    kwargs = _sample(fixed)
+    _check_invariants(kwargs, fixed.params)
+    env = gym.make("Pendulum-v1", max_episode_steps=30)
+    base = {**TINY, "pretrain_updates": 2, "kl_coef": 10.0, "prior": "forward", "critic": "v"}
+    model = POMPC("MlpPolicy", env, **{**base, **kwargs}, seed=0)
+    model.learn(60)
+    assert model._n_updates == 2 + 10
+    lam = _expected_lambda(params)
+    assert model.kl_coef_init == (1.0 if lam == "auto" else lam)
+    assert model.policy.model.critic_type == ("v" if params["kl_mode"] == "bmpc" else "q")
+    if params["kl_mode"] in ("tdmpc2", "bmpc"):  # the preset's own settings, not PO-MPC's
+        assert model.policy_squash == PRESETS[params["kl_mode"]]["policy_squash"]
 
 
 def test_sampler_scales_compute_knobs_with_the_configuration() -> None:
     paper = {"num_samples": 512, "batch_size": 256, "num_elites": 64, "num_pi_trajs": 24}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     samples, batches = set(), set()
-    for _ in range(12):
+    for _ in range(30):
         kwargs = _sample(study.ask(), base=paper)
         samples.add(kwargs["num_samples"])
         batches.add(kwargs["batch_size"])
@@ -407,16 +505,35 @@ def test_sampler_scales_compute_knobs_with_the_configuration() -> None:
         kwargs = _sample(tight.ask(), base={"num_samples": 64, "batch_size": 8, "num_elites": 64, "num_pi_trajs": 24})
         assert kwargs["num_samples"] in (64, 128) and kwargs["batch_size"] in (4, 8, 16)
     # outside the zoo (no configuration) the sampler searches around POMPC's defaults: 1024 is a valid choice there
-    fixed = optuna.trial.FixedTrial(dict(kl_mode="zero", horizon=3, learning_rate=3e-4, entropy_coef=1e-4,
+    fixed = optuna.trial.FixedTrial(dict(kl_mode="tdmpc2", horizon=3, learning_rate=3e-4, entropy_coef=1e-4,
                                          batch_size=512, num_samples=1024))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # FixedTrial warns about a value outside the choices
         assert zoo.sample_pompc_params(fixed)["num_samples"] == 1024
 
 
-def test_converter_rejects_unknown_mode() -> None:
+def test_converter_rejects_unknown_mode_and_priors_have_one_home() -> None:
+    from sb3_pompc import presets
+
     with pytest.raises(ValueError, match="kl_mode"):
         zoo.convert_pompc_params({"kl_mode": "huge"})
+    if hasattr(presets, "PRIORS"):
+        assert zoo.PRIORS is presets.PRIORS
+
+
+def test_patch_module_handles_every_hook_target() -> None:
+    """The hook's TARGETS is the one list of patched modules: patch_module acts on each of them."""
+    import sb3_pompc_zoo_hook
+
+    assert not hasattr(zoo, "_TARGETS")
+    for name in sb3_pompc_zoo_hook.TARGETS:
+        module = SimpleNamespace(ALGOS={}, HYPERPARAMS_SAMPLER={}, HYPERPARAMS_CONVERTER={},
+                                 ExperimentManager=type("ExperimentManager", (), {
+                                     "__init__": lambda self: None, "objective": lambda self, trial: 0.0,
+                                     "hyperparameters_optimization": lambda self: None}))
+        zoo.patch_module(name, module)
+        assert ("pompc" in module.ALGOS) + ("pompc" in module.HYPERPARAMS_SAMPLER) + \
+            module.ExperimentManager.__dict__.get("_sb3_pompc_patched", False) == 1, name
 
 
 # ------------------------------------------------------------------------------------------------ hyperparams yml
@@ -446,3 +563,65 @@ def test_hyperparams_yml_entries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         kwargs = {k: v for k, v in entries[env_id].items() if k not in ZOO_KEYS}
         model = POMPC("MlpPolicy", env_id, **kwargs, _init_setup_model=False)
         assert model.preset == "pompc" and model.kl_coef_init == 1.0 and model.prior == "reverse"
+
+
+def test_cpu_yml_through_the_experiment_manager(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``-conf pompc_cpu.yml`` reads the packaged CPU-sized file from any directory; each entry is the paper file's
+    entry with ``presets.CPU_SETTINGS``, and POMPC is built with those settings."""
+    import argparse
+
+    from rl_zoo3.exp_manager import ExperimentManager
+
+    monkeypatch.chdir(tmp_path)
+    cpu_yml = PACKAGED_YML.with_name("pompc_cpu.yml")
+    assert (REPO / "hyperparams" / "pompc_cpu.yml").read_text() == cpu_yml.read_text()
+    assert Path(zoo.cpu_config_path()).resolve() == cpu_yml.resolve()
+    paper, cpu = yaml.safe_load(PACKAGED_YML.read_text()), yaml.safe_load(cpu_yml.read_text())
+    assert set(cpu) == set(paper) and all(cpu[k] == {**paper[k], **CPU_SETTINGS} for k in paper)
+    for env_id in ("dmc/walker-walk-v0", "Pendulum-v1", "Humanoid-v5"):
+        manager = ExperimentManager(argparse.Namespace(), "pompc", env_id, "logs", config="pompc_cpu.yml")
+        assert Path(manager.config).resolve() == cpu_yml.resolve()
+        hyperparams, _ = manager.read_hyperparameters()
+        assert {k: hyperparams[k] for k in CPU_SETTINGS} == CPU_SETTINGS, env_id
+    kwargs = {k: v for k, v in hyperparams.items() if k not in ZOO_KEYS}
+    model = POMPC("MlpPolicy", "Pendulum-v1", **kwargs, _init_setup_model=False)
+    assert (model.model_size, model.num_samples, model.iterations, model.batch_size, model.reanalyze_interval,
+            model.pretrain_updates) == (1, 64, 3, 64, 0, 500)
+    # a file of that name in the working directory wins, and without -conf the paper's file is read
+    (tmp_path / "pompc_cpu.yml").write_text(yaml.safe_dump({"default": {"policy": "MlpPolicy"}}))
+    assert ExperimentManager(argparse.Namespace(), "pompc", "Pendulum-v1", "logs", config="pompc_cpu.yml").config \
+        == "pompc_cpu.yml"
+    assert ExperimentManager(argparse.Namespace(), "pompc", "Pendulum-v1", "logs").config == zoo.default_config_path()
+
+
+#: counts the curves plot_train draws (it only calls plt.show()), for rl-zoo3's own command line
+_PLOT_TRAIN = """
+import runpy, sys
+import matplotlib.pyplot as plt
+plt.show = lambda *a, **k: print("CURVES", sum(len(ax.get_lines()) for n in plt.get_fignums()
+                                             for ax in plt.figure(n).axes))
+sys.argv = ["plot_train", *sys.argv[1:]]
+runpy.run_module("rl_zoo3.plots.plot_train", run_name="__main__")
+"""
+
+
+def test_plots_of_a_dmc_run(tmp_path: Path) -> None:
+    """rl-zoo3's plot_train and all_plots find a ``dmc/...`` run under its folder name (slash → dash)."""
+    env = {**_clean_env(), "MPLBACKEND": "Agg"}
+    _check([sys.executable, "-m", "rl_zoo3.train", "--algo", "pompc", "--env", "dmc/cartpole-balance-v0", "-n", "60",
+            "--seed", "0", "--eval-freq", "30", "--eval-episodes", "2", "--num-threads", "1", "--env-kwargs",
+            "episode_length:20", "--hyperparams", *TINY_ARGS], tmp_path, env)
+    assert (tmp_path / "logs" / "pompc" / "dmc-cartpole-balance-v0_1" / "evaluations.npz").is_file()
+    out = _check([sys.executable, "-c", _PLOT_TRAIN, "--algo", "pompc", "--env", "dmc-cartpole-balance-v0", "-f",
+                  "logs/", "-w", "1"], tmp_path, env)
+    assert "CURVES 1" in out  # the training curve of the 3 monitored 20-step episodes
+    _check([sys.executable, "-m", "rl_zoo3.plots.all_plots", "--algo", "pompc", "--env", "dmc-cartpole-balance-v0",
+            "-f", "logs/", "--no-million", "--no-display", "-o", "results"], tmp_path, env)
+    with open(tmp_path / "results.pkl", "rb") as f:
+        results = pickle.load(f)["dmc-cartpole-balance-v0"]["POMPC-logs/"]
+    assert list(results["timesteps"]) == [30, 60] and np.isfinite(results["mean"]).all()
+    # a video on a machine without a display: MUJOCO_GL is chosen when sb3_pompc is imported
+    headless = {k: v for k, v in env.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MUJOCO_GL")}
+    _check([sys.executable, "-m", "rl_zoo3.record_video", "--algo", "pompc", "--env", "dmc/cartpole-balance-v0", "-f",
+            "logs/", "-n", "20", "-o", "videos"], tmp_path, headless)
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 1
