@@ -40,12 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from sb3_pompc.presets import PRESETS
-
-try:
-    from sb3_pompc.presets import PRIORS
-except ImportError:  # a presets module that does not list the priors yet
-    PRIORS = ("planner", "forward", "reverse")
+from sb3_pompc.presets import PRESETS, PRIORS
 
 __all__ = [
     "ALGO_NAME",

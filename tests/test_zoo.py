@@ -517,8 +517,7 @@ def test_converter_rejects_unknown_mode_and_priors_have_one_home() -> None:
 
     with pytest.raises(ValueError, match="kl_mode"):
         zoo.convert_pompc_params({"kl_mode": "huge"})
-    if hasattr(presets, "PRIORS"):
-        assert zoo.PRIORS is presets.PRIORS
+    assert zoo.PRIORS is presets.PRIORS
 
 
 def test_patch_module_handles_every_hook_target() -> None:
