@@ -161,6 +161,17 @@ class POMPCReplayBuffer(ReplayBuffer):
         self._next_plan = None
         super().add(obs, next_obs, action, reward, done, infos)
 
+    def mark_episode_break(self) -> None:
+        """End every env's episode at the last stored row, as a truncation (its value target still bootstraps):
+        sampled windows never cross it. For an env reset that is not an episode end (a new ``learn`` call, a
+        loaded model). Rows that already end an episode keep their flags."""
+        if self.pos == 0 and not self.full:
+            return
+        last = (self.pos - 1) % self.buffer_size
+        ended = self.dones[last] > 0
+        self.timeouts[last] = np.where(ended, self.timeouts[last], 1.0)
+        self.dones[last] = 1.0
+
     def update_plans(self, rows: np.ndarray, env_indices: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
         """Overwrite π^P of the given (row, env) cells (lazy reanalyze)."""
         self.plan_means[rows, env_indices] = mean

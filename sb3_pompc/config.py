@@ -41,12 +41,17 @@ class POMPCConfig:
     """λ ≥ 0, inf, "auto" or "auto_<init>" (dual descent toward ``target_kl``)"""
     prior: Optional[str] = None
     """π_ref: "planner" (the buffer's π^P), "forward" or "reverse" (a prior network π_p fitted by that KL)"""
-    kl_value: bool = False
-    """train the KL-regularised critic Q̃ and let π_s maximise it (the planner keeps Q)"""
+    kl_value: Optional[bool] = None
+    """train the KL-regularised critic Q̃ and let π_s maximise it (the planner keeps Q); PO-MPC yes, and never with
+    λ = ∞ unless asked (then refused: there is no return term)"""
+    mask_unplanned: Optional[bool] = None
+    """rows without a real plan (random warm-up) add nothing to π_p's fit, to π_s's KL or to Q̃'s KL penalty, and
+    the KL terms wait until the buffer holds a real plan (PO-MPC yes; BMPC uses the rows' N(0, 1))"""
     target_kl: float = 0.5
     """target KL (nats per action dimension) of ``kl_coef="auto"``"""
-    kl_warmup: int = 0
-    """updates with λ forced to 0 before the KL term starts (the paper's N_s)"""
+    kl_warmup: Union[int, str] = "auto"
+    """updates (pretraining burst included) with λ = 0 before the KL terms start, the paper's N_s; "auto" = the
+    pretraining burst with ``mask_unplanned``, else 0"""
     learning_rate: Union[float, Callable[[float], float]] = 3e-4
     """learning rate, or an SB3 schedule"""
     buffer_size: int = 1_000_000
@@ -81,6 +86,9 @@ class POMPCConfig:
     """MPPI std lower clamp"""
     max_std: float = 2.0
     """MPPI initial std and upper clamp"""
+    deterministic_action: str = "elite"
+    """action of ``predict(deterministic=True)``: "elite" (highest-weight elite), "mean" (MPPI mean) or "sample"
+    (TD-MPC2's evaluation: an elite drawn by weight, so not a function of the observation)"""
     model_size: Optional[int] = 5
     """1, 5, 19, 48 or 317 (million parameters), or None to give the dimensions below"""
     latent_dim: Optional[int] = None
@@ -218,6 +226,7 @@ class POMPCConfig:
             horizon=self.horizon, iterations=self.iterations, num_samples=self.num_samples,
             num_elites=self.num_elites, num_pi_trajs=self.num_pi_trajs, temperature=self.temperature,
             min_std=self.min_std, max_std=self.max_std, gamma=self.gamma,
+            deterministic_action=self.deterministic_action,
         )
 
     def reanalyze_planner_kwargs(self) -> dict[str, Any]:
@@ -341,6 +350,12 @@ def resolve_config(preset: str = "pompc", env: Any = None, action_dim: Optional[
     if values["episodic"] == "auto":
         values["episodic"] = _can_terminate(env) if env is not None else False
         auto.append("episodic")
+    if overrides.get("kl_value") is None and parse_kl_coef(values["kl_coef"]) == (math.inf, False):
+        values["kl_value"] = False  # the preset's Q̃ needs a return term: λ = ∞ has none
+    if values["kl_warmup"] == "auto":
+        values["kl_warmup"] = values["pretrain_updates"] if values["mask_unplanned"] else 0
+        auto.append("kl_warmup")
+    values["kl_warmup"] = _non_negative_int(values["kl_warmup"], "kl_warmup")
     if values["reanalyze_horizon"] is None:
         values["reanalyze_horizon"] = values["horizon"]
     if values["reanalyze_num_samples"] is None:
@@ -414,13 +429,14 @@ def legacy_config(attrs: dict[str, Any]) -> POMPCConfig:
     freq = attrs["train_freq"]
     return POMPCConfig(
         **{k: v for k, v in attrs["cfg"].items()},
-        preset=attrs["preset"], kl_value=attrs["kl_value"], target_kl=attrs["target_kl"],
+        preset=attrs["preset"], kl_value=attrs["kl_value"], mask_unplanned=False, target_kl=attrs["target_kl"],
         kl_warmup=attrs["kl_warmup"], learning_rate=attrs["learning_rate"], buffer_size=attrs["buffer_size"],
         learning_starts=attrs["learning_starts"], pretrain_updates=attrs["pretrain_updates"],
         batch_size=attrs["batch_size"], tau=attrs["tau"], gamma=attrs["gamma"],
         train_freq=(freq.frequency, freq.unit.value), gradient_steps=attrs["gradient_steps"],
         horizon=attrs["horizon"], iterations=attrs["iterations"],
         **{k: planner[k] for k in ("num_samples", "num_elites", "num_pi_trajs", "temperature", "min_std", "max_std")},
+        deterministic_action=planner.get("deterministic_action", "sample"),
         model_size=attrs["model_size"],
         **{k: model[k] for k in ("latent_dim", "mlp_dim", "enc_dim", "num_enc_layers")},
         simnorm_layout=model.get("simnorm_layout", "contiguous"),

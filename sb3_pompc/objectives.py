@@ -18,6 +18,7 @@ from sb3_pompc.world_model import PolicyOutput, WorldModel
 __all__ = [
     "rho_weights",
     "time_weighted_mean",
+    "masked_time_weighted_mean",
     "td_target",
     "model_based_v_target",
     "kl_value_target",
@@ -28,6 +29,7 @@ __all__ = [
     "prior_fit_loss",
     "kl_to_reference",
     "policy_terms",
+    "kl_weight",
     "policy_loss",
     "kl_coef_loss",
 ]
@@ -42,6 +44,19 @@ def time_weighted_mean(x: torch.Tensor, rho: float) -> torch.Tensor:
     """``(1/T) Σ_t ρ^t · mean_b x_t`` for x of shape (T, B, 1)."""
     T = x.shape[0]
     return (rho_weights(T, rho, x.device) * x).mean(dim=(1, 2)).sum() / T
+
+
+def masked_time_weighted_mean(x: torch.Tensor, mask: Optional[torch.Tensor], rho: float) -> torch.Tensor:
+    """``(1/T) Σ_t ρ^t · Σ_b m_tb x_tb / max(Σ_b m_tb, 1)``: :func:`time_weighted_mean` over the samples with
+    ``m = 1`` only (a step whose samples are all masked adds 0). ``mask=None`` is :func:`time_weighted_mean`.
+
+    :param x: (T, B, 1); :param mask: (T, B, 1) of 0/1, or None
+    """
+    if mask is None:
+        return time_weighted_mean(x, rho)
+    T = x.shape[0]
+    per_step = (mask * x).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp_min(1.0)
+    return (rho_weights(T, rho, x.device).reshape(T) * per_step).sum() / T
 
 
 def td_target(reward: torch.Tensor, terminated: torch.Tensor, next_value: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -93,12 +108,26 @@ def kl_value_target(
     terminated: torch.Tensor,
     next_q_tilde: torch.Tensor,
     next_kl: torch.Tensor,
-    kl_coef: torch.Tensor | float,
+    kl_coef: torch.Tensor,
     gamma: float,
+    q_scale: torch.Tensor | float = 1.0,
+    kl_scale: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
-    """KL-regularised critic target (DESIGN §1, ``kl_value=True``):
-    ``y_t = r_t + γ (1 − term_t) · (Q̃_targ(z'_t, a'_t) − λ · KL(π_s(·|z'_t) ‖ π_ref(·|z'_t)))``, ``a' ~ π_s(z')``."""
-    return reward + gamma * (1.0 - terminated) * (next_q_tilde - kl_coef * next_kl)
+    """KL-regularised critic target (DESIGN §1, ``kl_value=True``), in the unit of :func:`policy_loss`:
+
+    ``y_t = r_t + γ (1 − term_t) · (Q̃_targ(z'_t, a'_t) − λ · (S_Q / S_KL) · KL(π_s(·|z'_t) ‖ π_ref(·|z'_t)))``,
+    ``a' ~ π_s(z')``.
+
+    Why this unit: for finite λ, :func:`policy_loss` is ``(1 − α)/S_Q · [−Q̃ + λ (S_Q/S_KL) KL] − β H`` with
+    α = λ/(1+λ), so π_s minimises ``−Q̃ + τ·KL`` with temperature ``τ = λ·S_Q/S_KL`` (up to the entropy bonus): it
+    is the soft-greedy policy of Q̃ at τ. The soft Bellman backup of that objective charges every future step the
+    same ``τ·KL``, which is the target above; the current step and the future ones are weighed alike.
+
+    :param next_kl: (T, B, 1) KL at the next latents (0 where it is masked out)
+    :param kl_coef: λ (a tensor: fixed, learned, or 0 during the warm-up)
+    :param q_scale, kl_scale: the running scales S_Q and S_KL of the π_s loss
+    """
+    return reward + gamma * (1.0 - terminated) * (next_q_tilde - kl_coef * (q_scale / kl_scale) * next_kl)
 
 
 def ensemble_soft_ce_loss(logits: torch.Tensor, target: torch.Tensor, two_hot: TwoHot, rho: float) -> torch.Tensor:
@@ -173,12 +202,15 @@ def prior_loss(
     plan_std: torch.Tensor,
     direction: str,
     rho: float,
+    mask: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of the intermediate prior π_p fitted to the buffer's planner stats π^P:
 
     forward ``L_p = (1/T) Σ_t ρ^t mean_b KL(π^P_t ‖ π_p(·|z_t))`` (mode covering) or
-    reverse ``L_p = (1/T) Σ_t ρ^t mean_b KL(π_p(·|z_t) ‖ π^P_t)`` (mode seeking).
+    reverse ``L_p = (1/T) Σ_t ρ^t mean_b KL(π_p(·|z_t) ‖ π^P_t)`` (mode seeking);
+    with ``mask`` the mean over b runs over the rows that hold a real plan (:func:`masked_time_weighted_mean`).
 
+    :param mask: (T, B, 1) ``has_plan``, or None to fit every row (BMPC-style placeholders included)
     :return: (loss, per-sample KL of shape (T, B, 1))
     """
     if direction == "forward":
@@ -187,16 +219,17 @@ def prior_loss(
         kl = gaussian_kl(prior_mean, prior_std, plan_mean, plan_std)
     else:
         raise ValueError(f"prior direction must be 'forward' or 'reverse', got {direction!r}")
-    return time_weighted_mean(kl, rho), kl
+    return masked_time_weighted_mean(kl, mask, rho), kl
 
 
 def prior_fit_loss(
-    model: WorldModel, z: torch.Tensor, plan_mean: torch.Tensor, plan_std: torch.Tensor, direction: str, rho: float
+    model: WorldModel, z: torch.Tensor, plan_mean: torch.Tensor, plan_std: torch.Tensor, direction: str, rho: float,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`prior_loss` of the prior head π_p evaluated on latents ``z`` (T, B, L) against π^P (T, B, A)."""
     assert model.prior is not None
     prior_mean, prior_std, _, _ = model.prior.gaussian(z)
-    return prior_loss(prior_mean, prior_std, plan_mean, plan_std, direction, rho)[0]
+    return prior_loss(prior_mean, prior_std, plan_mean, plan_std, direction, rho, mask)[0]
 
 
 def kl_to_reference(
@@ -250,6 +283,14 @@ def policy_terms(
     return out, kl, q, kl_planner
 
 
+def kl_weight(kl_coef: torch.Tensor | float) -> torch.Tensor | float:
+    """The convex weight ``α = λ / (1 + λ)`` of the KL term: 0 at λ = 0, 1/2 at λ = 1, 1 at λ = ∞ (computed in
+    double precision for a float λ, so that ``1 − α`` stays exact for large λ)."""
+    if isinstance(kl_coef, float):
+        return 1.0 if math.isinf(kl_coef) else kl_coef / (1.0 + kl_coef)
+    return kl_coef / (1.0 + kl_coef)
+
+
 def policy_loss(
     q: Optional[torch.Tensor],
     kl: Optional[torch.Tensor],
@@ -259,27 +300,36 @@ def policy_loss(
     entropy_coef: float = 1e-4,
     q_scale: torch.Tensor | float = 1.0,
     kl_scale: torch.Tensor | float = 1.0,
+    kl_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """PO-MPC sampling-policy loss with KL strength λ (DESIGN §1):
+    """PO-MPC sampling-policy loss with KL strength λ (DESIGN §1), both terms normalised by their running scales
+    and mixed convexly with ``α = λ/(1+λ)``:
 
-    finite λ: ``L_π = (1/T) Σ_t ρ^t mean_b [ −Q̂(ẑ_t, a_t)/S_Q + λ·KL(π_s ‖ π_ref)_t − β·H_t ]``
-    (λ = 0 is TD-MPC2's update, with no KL needed);
-    λ = ∞:   ``L_π = (1/T) Σ_t ρ^t mean_b [ KL_t / S_KL − β·H_t ]`` (BMPC's update, return term dropped).
+    ``L_π = (1/T) Σ_t ρ^t mean_b [ (1 − α)·(−Q̂(ẑ_t, a_t)/S_Q) + α·KL(π_s ‖ π_ref)_t / S_KL − β·H_t ]``.
 
-    ``a_t ~ π_s`` reparameterised; ``H_t`` = scaled entropy; β = entropy_coef. All inputs (T, B, 1).
+    λ = 0 (α = 0, ``kl=None``) is TD-MPC2's update; λ = ∞ (α = 1, ``q=None``) is BMPC's
+    ``(1/T) Σ_t ρ^t mean_b [KL_t/S_KL − β·H_t]``; in between the loss is continuous in λ, and λ = 1 weighs the
+    normalised return and the normalised KL equally. ``a_t ~ π_s`` reparameterised; ``H_t`` = scaled entropy;
+    β = entropy_coef. The KL may cover fewer latents than Q̂ (π^P exists on the first H only): each term is
+    averaged over its own steps. With ``kl_mask`` (rows that hold a real plan), the KL's mean over b runs over
+    those rows only (:func:`masked_time_weighted_mean`).
+
+    :param q: (T, B, 1) Q̂, or None for λ = ∞; :param kl: (T', B, 1) KL, or None for λ = 0
+    :param scaled_entropy: (T, B, 1) of the latents of the longer term
     """
-    infinite = isinstance(kl_coef, float) and math.isinf(kl_coef)
-    if infinite:
-        if kl is None:
-            raise ValueError("policy_loss with kl_coef=inf needs the KL term")
-        per_sample = kl / kl_scale - entropy_coef * scaled_entropy
-    else:
-        if q is None:
-            raise ValueError("policy_loss with a finite kl_coef needs Q values")
-        per_sample = -q / q_scale - entropy_coef * scaled_entropy
-        if kl is not None:
-            per_sample = per_sample + kl_coef * kl
-    return time_weighted_mean(per_sample, rho)
+    alpha = kl_weight(kl_coef)
+    if q is None and kl is None:
+        raise ValueError("policy_loss needs Q values (λ < ∞), the KL term (λ > 0), or both")
+    if q is None and not (isinstance(alpha, float) and alpha == 1.0):
+        raise ValueError("policy_loss with a finite kl_coef needs Q values")
+    if kl is None and not (isinstance(alpha, float) and alpha == 0.0):
+        raise ValueError("policy_loss with kl_coef > 0 needs the KL term")
+    loss = -entropy_coef * time_weighted_mean(scaled_entropy, rho)
+    if q is not None:
+        loss = loss + (1.0 - alpha) * time_weighted_mean(-q / q_scale, rho)
+    if kl is not None:
+        loss = loss + alpha * masked_time_weighted_mean(kl / kl_scale, kl_mask, rho)
+    return loss
 
 
 def kl_coef_loss(log_kl_coef: torch.Tensor, kl: torch.Tensor, target_kl: float) -> torch.Tensor:

@@ -65,7 +65,12 @@ class MPPIPlanner:
     :param min_std: lower clamp of the MPPI std
     :param max_std: initial std and upper clamp
     :param gamma: discount used for the planned return
+    :param deterministic_action: the action of a ``deterministic=True`` plan: "elite" (the first action of the
+        highest-weight elite), "mean" (the MPPI mean's first action) or "sample" (TD-MPC2's evaluation protocol: an
+        elite drawn by its weight, without exploration noise; the same observation may give different actions)
     """
+
+    DETERMINISTIC_ACTIONS = ("elite", "mean", "sample")
 
     def __init__(
         self,
@@ -78,7 +83,10 @@ class MPPIPlanner:
         min_std: float = 0.05,
         max_std: float = 2.0,
         gamma: float = 0.99,
+        deterministic_action: str = "elite",
     ) -> None:
+        if deterministic_action not in self.DETERMINISTIC_ACTIONS:
+            raise ValueError(f"deterministic_action must be one of {self.DETERMINISTIC_ACTIONS}, got {deterministic_action!r}")
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         if iterations < 1:
@@ -92,6 +100,7 @@ class MPPIPlanner:
         self.horizon, self.iterations = horizon, iterations
         self.num_samples, self.num_elites, self.num_pi_trajs = num_samples, num_elites, num_pi_trajs
         self.temperature, self.min_std, self.max_std, self.gamma = temperature, min_std, max_std, gamma
+        self.deterministic_action = deterministic_action
 
     def draw_noise(self, n: int, action_dim: int, num_q: int, device: torch.device) -> PlannerNoise:
         """Draw every random number of one plan of ``n`` states."""
@@ -154,7 +163,8 @@ class MPPIPlanner:
         :param z: (n, L) encoded observations
         :param warm_mean: (n, H, A) previous MPPI mean per state, already zeroed where an episode starts;
             it is shifted one step (``mean[0..H−2] = prev[1..H−1]``, last step 0). None = no warm start.
-        :param deterministic: no exploration noise on the executed action (still a stochastic elite draw)
+        :param deterministic: no exploration noise, and the action ``deterministic_action`` says (the same
+            observation and warm start give the same action unless it is "sample")
         :param noise: pre-drawn noise (drawn here if None)
         :param pi_log_std_bounds: log σ bounds of the policy trajectories (reanalyze uses exploration bounds)
         """
@@ -196,10 +206,14 @@ class MPPIPlanner:
             std = ((w * (elite_actions - mean.unsqueeze(2)).square()).sum(dim=2) / denom).sqrt()
             std = std.clamp(self.min_std, self.max_std)
 
-        # Gumbel-max draw of one elite per state
-        choice = torch.argmax(torch.log(score) + noise.gumbel, dim=1)  # (n,)
+        if deterministic and self.deterministic_action == "elite":
+            choice = torch.argmax(score, dim=1)  # the highest-weight elite
+        else:
+            choice = torch.argmax(torch.log(score) + noise.gumbel, dim=1)  # Gumbel-max draw of one elite per state
         rows = torch.arange(n, device=z.device)
         first = elite_actions[0, rows, choice]  # (n, A)
+        if deterministic and self.deterministic_action == "mean":
+            first = mean[0]
         std0 = std[0]
         action = first if deterministic else first + std0 * noise.explore
         model.train(was_training)

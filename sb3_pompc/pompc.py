@@ -44,8 +44,9 @@ class POMPC(OffPolicyAlgorithm):
     :param kl_coef: λ ≥ 0, ``float("inf")``, "auto" or "auto_<init>" (dual descent toward ``target_kl``)
     :param prior: π_ref: "planner" (the buffer's π^P), "forward" or "reverse" (a prior network π_p fitted by that KL)
     :param kl_value: also train a KL-regularised critic Q̃ that π_s maximises (the planner keeps Q)
+    :param mask_unplanned: keep warm-up rows (no real plan) out of every KL and of π_p's fit
     :param target_kl: target KL (nats per action dim) of ``kl_coef="auto"``
-    :param kl_warmup: updates with λ forced to 0 before the KL term starts (the paper's N_s)
+    :param kl_warmup: updates with λ = 0 before the KL terms start (the paper's N_s); "auto" = the pretraining burst
     :param learning_rate: learning rate (3e-4)
     :param buffer_size: replay buffer size (rows per env)
     :param learning_starts: random warm-up steps; "auto" = max(1000, 5·episode_length)
@@ -63,6 +64,7 @@ class POMPC(OffPolicyAlgorithm):
     :param temperature: MPPI temperature (multiplies values)
     :param min_std: MPPI std lower clamp
     :param max_std: MPPI initial std and upper clamp
+    :param deterministic_action: ``predict(deterministic=True)``'s action: "elite", "mean" or "sample" (TD-MPC2's)
     :param model_size: 1, 5, 19, 48 or 317 (million parameters), or None to give the dims below
     :param latent_dim: overrides the preset's latent size
     :param mlp_dim: overrides the preset's hidden size
@@ -119,9 +121,10 @@ class POMPC(OffPolicyAlgorithm):
         preset: str = "pompc",
         kl_coef: Union[float, str, None] = None,
         prior: Optional[str] = None,
-        kl_value: bool = False,
+        kl_value: Optional[bool] = None,
+        mask_unplanned: Optional[bool] = None,
         target_kl: float = 0.5,
-        kl_warmup: int = 0,
+        kl_warmup: Union[int, str] = "auto",
         learning_rate: Union[float, Schedule] = 3e-4,
         buffer_size: int = 1_000_000,
         learning_starts: Union[int, str] = "auto",
@@ -137,6 +140,7 @@ class POMPC(OffPolicyAlgorithm):
         num_elites: int = 64,
         num_pi_trajs: int = 24,
         temperature: float = 0.5, min_std: float = 0.05, max_std: float = 2.0,
+        deterministic_action: str = "elite",
         model_size: Optional[int] = 5,
         latent_dim: Optional[int] = None, mlp_dim: Optional[int] = None,
         enc_dim: Optional[int] = None, num_enc_layers: Optional[int] = None,
@@ -181,27 +185,12 @@ class POMPC(OffPolicyAlgorithm):
         env, self.dict_observation_space = prepare_env(env)
         self.config = config = resolve_config(preset, env, **settings)
         super().__init__(
-            policy,
-            env,
-            config.learning_rate,
-            config.buffer_size,
-            learning_starts=config.learning_starts,
-            batch_size=config.batch_size,
-            tau=config.tau,
-            gamma=config.gamma,
-            train_freq=config.train_freq,
-            gradient_steps=config.gradient_steps,
-            action_noise=None,
-            replay_buffer_class=replay_buffer_class or POMPCReplayBuffer,
-            replay_buffer_kwargs=replay_buffer_kwargs,
-            policy_kwargs=policy_kwargs,
-            stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log,
-            verbose=verbose,
-            device=device,
-            seed=seed,
-            sde_support=False,
-            support_multi_env=True,
+            policy, env, config.learning_rate, config.buffer_size, learning_starts=config.learning_starts,
+            batch_size=config.batch_size, tau=config.tau, gamma=config.gamma, train_freq=config.train_freq,
+            gradient_steps=config.gradient_steps, action_noise=None,
+            replay_buffer_class=replay_buffer_class or POMPCReplayBuffer, replay_buffer_kwargs=replay_buffer_kwargs,
+            policy_kwargs=policy_kwargs, stats_window_size=stats_window_size, tensorboard_log=tensorboard_log,
+            verbose=verbose, device=device, seed=seed, sde_support=False, support_multi_env=True,
             supported_action_spaces=(spaces.Box,),
         )
         self._plan_mean: Optional[torch.Tensor] = None  # the planner's warm start per env
@@ -214,9 +203,10 @@ class POMPC(OffPolicyAlgorithm):
         for key, value in config.policy_kwargs().items():  # explicit policy_kwargs win
             self.policy_kwargs.setdefault(key, value)
         self.replay_buffer_kwargs.setdefault("horizon", config.horizon)
-        self._n_policy_updates = 0  # policy updates after the pretraining burst (kl_warmup counts these)
+        self._n_policy_updates = 0  # updates after the pretraining burst (lazy reanalyze counts these)
         self._pretrained = False  # the pretraining burst has run
         self._saw_termination = False  # the env terminated an episode (``episodic="auto"``)
+        self._has_plans = False  # the buffer holds a row produced by the planner
         self._episode_start: Optional[np.ndarray] = None
         self.log_kl_coef: Optional[torch.Tensor] = None
         self.kl_coef_optimizer: Optional[torch.optim.Optimizer] = None
@@ -232,6 +222,7 @@ class POMPC(OffPolicyAlgorithm):
 
     # ------------------------------------------------------------------------------------------ construction
     def _setup_model(self) -> None:
+        self.__dict__.setdefault("_has_plans", self.__dict__.get("_pretrained", False))  # files saved without it
         if "cfg" in self.__dict__:  # a model saved before POMPCConfig existed: its settings were attributes
             self.config = legacy_config(self.__dict__)
             for name in LEGACY_ATTRIBUTES:
@@ -328,13 +319,17 @@ class POMPC(OffPolicyAlgorithm):
 
     def _setup_learn(self, total_timesteps: int, callback: MaybeCallback = None, reset_num_timesteps: bool = True,
                      tb_log_name: str = "run", progress_bar: bool = False):
+        resets = reset_num_timesteps or self._last_obs is None  # SB3 resets the env then
         result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        if resets:  # the stored episodes end here: no window may run into the new reset observation
+            self.replay_buffer.mark_episode_break()
+        self.learning_starts = 0 if self._pretrained else self.config.learning_starts  # the warm-up runs once
         if self._episode_start is None or reset_num_timesteps or self._plan_mean is None:
             self._episode_start = np.ones(self.n_envs, dtype=bool)
         return result
 
     def _sample_action(self, learning_starts: int, action_noise: Optional[ActionNoise] = None, n_envs: int = 1):
-        if self.num_timesteps < learning_starts:  # random warm-up: no plan behind these rows
+        if not self._pretrained:  # random warm-up until the first updates have run: no plan behind these rows
             unscaled = np.array([self.action_space.sample() for _ in range(n_envs)])
             scaled = self.policy.scale_action(unscaled)
             self._pending_plan = None
@@ -349,6 +344,7 @@ class POMPC(OffPolicyAlgorithm):
         check_transition(buffer_action, self._last_obs, new_obs, reward, dones, infos, self.num_timesteps)
         buffer_action = np.clip(buffer_action, -1.0, 1.0)  # a callback may have moved it out of the box
         replay_buffer.set_next_plan(*(self._pending_plan or (None, None)))  # type: ignore[attr-defined]
+        self._has_plans = self._has_plans or self._pending_plan is not None
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
         self._episode_start = np.asarray(dones, dtype=bool).copy()
         if self.config.detect_termination and not self.config.episodic and any(
@@ -358,7 +354,7 @@ class POMPC(OffPolicyAlgorithm):
 
     def current_kl_coef(self) -> float:
         """λ of the next update (0 during ``kl_warmup``, inf for λ = ∞)."""
-        mode = kl_mode_now(self.config, self._n_policy_updates)
+        mode = self._kl_mode()
         return math.inf if mode == "infinite" else float(kl_coef_now(self.config, mode, self.log_kl_coef, self.device))
 
     # ------------------------------------------------------------------------------------------ learning
@@ -378,7 +374,6 @@ class POMPC(OffPolicyAlgorithm):
             logs += [self._update(batch_size, pretrain=True) for _ in range(self.config.pretrain_updates)]
             self._pretrained = True
         logs += [self._update(batch_size, pretrain=False) for _ in range(gradient_steps)]
-        self._n_updates += len(logs)
         if logs:
             self._record(mean_logs(logs, self._where()))  # one host transfer, after every reanalyze copy queued
         self.reanalyzer.flush()
@@ -417,11 +412,12 @@ class POMPC(OffPolicyAlgorithm):
             logs.update(self._policy_step(zs, batch, fns))
         # 6. KL-regularised critic Q̃ (kl_value=True)
         if model.kl_critic is not None:
-            lam = kl_coef_now(config, kl_mode_now(config, self._n_policy_updates), self.log_kl_coef, self.device)
-            logs.update(kl_critic_step(policy, z_enc, batch, config, lam, self.gamma, where))
+            lam = kl_coef_now(config, self._kl_mode(), self.log_kl_coef, self.device)
+            logs.update(kl_critic_step(policy, zs, z_enc, batch, config, lam, self.gamma, where))
         # 7. soft update of the target critics
         model.soft_update_targets(self.tau)
         model.eval()
+        self._n_updates += 1
         if not pretrain:
             self._n_policy_updates += 1
         return logs
@@ -429,12 +425,15 @@ class POMPC(OffPolicyAlgorithm):
     def _policy_step(self, zs: torch.Tensor, batch: POMPCReplayBufferSamples,
                      fns: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
         """Steps 4 and 5 of an update on the rollout latents ``zs``: π_s with this update's λ, then λ itself."""
-        mode = kl_mode_now(self.config, self._n_policy_updates)
+        mode = self._kl_mode()
         lam = None if mode == "infinite" else kl_coef_now(self.config, mode, self.log_kl_coef, self.device)
         logs, kl = policy_step(self.policy, fns or self._update_fns, zs, batch, self.config, mode, lam, self._where())
         if mode == "learned":
             logs.update(kl_coef_step(self.log_kl_coef, self.kl_coef_optimizer, kl, self.config.target_kl))  # type: ignore[arg-type]
         return logs
+
+    def _kl_mode(self) -> str:
+        return kl_mode_now(self.config, self._n_updates, self._has_plans)
 
     def _where(self) -> str:
         return f"update {self._n_updates} (timestep {self.num_timesteps})"

@@ -13,10 +13,13 @@ __all__ = ["PRESETS", "PRIORS", "CPU_SETTINGS", "resolve_preset"]
 PRIORS = ("planner", "forward", "reverse")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # the paper's default: intermediate λ with a reverse-KL intermediate prior, Q critic, BMPC policy head
+    # the paper's default: intermediate λ with a reverse-KL intermediate prior, the KL-regularised critic Q̃, the KL
+    # terms only on rows with a real plan (after the pretraining burst), BMPC's policy head
     "pompc": dict(
         kl_coef=1.0,
         prior="reverse",
+        kl_value=True,
+        mask_unplanned=True,
         critic="q",
         num_q=5,
         target_reduce="min",
@@ -31,6 +34,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tdmpc2": dict(
         kl_coef=0.0,
         prior="planner",
+        kl_value=False,
+        mask_unplanned=False,
         critic="q",
         num_q=5,
         target_reduce="min",
@@ -41,10 +46,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         pretrain_policy=True,
         reanalyze_interval=0,
     ),
-    # BMPC (spec §3.4): pure KL to the buffer's planner stats over H latents, 2-head V critic, lazy reanalyze
+    # BMPC (spec §3.4): pure KL to the buffer's planner stats over H latents (warm-up rows' N(0, 1) included),
+    # 2-head V critic, lazy reanalyze
     "bmpc": dict(
         kl_coef=float("inf"),
         prior="planner",
+        kl_value=False,
+        mask_unplanned=False,
         critic="v",
         num_q=2,
         target_reduce="avg",

@@ -22,10 +22,17 @@ __all__ = ["kl_mode_now", "kl_coef_now", "build_update_fns", "optimizer_step", "
 Logs = dict[str, torch.Tensor]
 
 
-def kl_mode_now(config: POMPCConfig, n_policy_updates: int) -> str:
-    """The KL mode of the next update: "zero" during the first ``kl_warmup`` policy updates, else
-    ``config.kl_mode``."""
-    return "zero" if n_policy_updates < config.kl_warmup else config.kl_mode
+def kl_mode_now(config: POMPCConfig, n_updates: int, has_plans: bool) -> str:
+    """The KL mode of the next update: "zero" during the first ``kl_warmup`` updates (the paper's N_s: the critic
+    learns before the KL-regularised updates start) and, with ``mask_unplanned``, until the buffer holds a real
+    plan; else ``config.kl_mode``.
+
+    :param n_updates: updates done so far, pretraining burst included
+    :param has_plans: whether the replay buffer holds a row produced by the planner
+    """
+    if n_updates < config.kl_warmup or (config.mask_unplanned and not has_plans):
+        return "zero"
+    return config.kl_mode
 
 
 def kl_coef_now(config: POMPCConfig, mode: str, log_kl_coef: Optional[torch.Tensor],
@@ -114,7 +121,8 @@ def prior_step(policy: POMPCPolicy, fns: dict[str, Callable[..., Any]], zs: torc
     π^P exists), by forward or reverse KL (``config.prior``)."""
     model = policy.model
     H = batch.actions.shape[0]
-    loss = fns["prior"](model, zs[:H], batch.plan_mean, batch.plan_std, config.prior, config.rho)
+    mask = batch.has_plan if config.mask_unplanned else None  # fit real plans only, not warm-up placeholders
+    loss = fns["prior"](model, zs[:H], batch.plan_mean, batch.plan_std, config.prior, config.rho, mask)
     check_finite(loss, "prior loss", where)
     optimizer_step(loss, policy.prior_optimizer, model.prior.parameters(), config.grad_clip_norm)  # type: ignore[arg-type, union-attr]
     return {"prior_loss": loss.detach()}
@@ -135,14 +143,16 @@ def policy_step(policy: POMPCPolicy, fns: dict[str, Callable[..., Any]], zs: tor
     out, kl, q, kl_raw = fns["policy"](model, zs[:T], batch.plan_mean, batch.plan_std, config.kl_reference,
                                        mode != "infinite")
     logs: Logs = {}
-    if q is not None:
+    if q is not None:  # the running scales S_Q and S_KL of the two terms the loss mixes
         policy.q_scale.update(q[0])
         logs["q_mean"] = q.detach().mean()
-    else:
+    if mode != "zero":
         policy.kl_scale.update(kl[0])
-    lam = math.inf if mode == "infinite" else kl_coef
+    # windows without a real plan add no KL to the buffer's π^P (a learned prior is defined at every latent)
+    mask = batch.has_plan[: kl.shape[0]] if config.mask_unplanned and config.kl_reference == "planner" else None
+    lam = {"infinite": math.inf, "zero": 0.0}.get(mode, kl_coef)
     loss = obj.policy_loss(q, None if mode == "zero" else kl, out.scaled_entropy, lam, config.rho,  # type: ignore[arg-type]
-                           config.entropy_coef, policy.q_scale.value, policy.kl_scale.value)
+                           config.entropy_coef, policy.q_scale.value, policy.kl_scale.value, mask)
     check_finite(loss, "policy loss", where)
     optimizer_step(loss, policy.pi_optimizer, model.pi.parameters(), config.grad_clip_norm)
     kl_d = kl.detach()
@@ -164,13 +174,15 @@ def kl_coef_step(log_kl_coef: torch.Tensor, optimizer: torch.optim.Optimizer, kl
     return {"kl_coef_loss": loss.detach()}
 
 
-def kl_critic_step(policy: POMPCPolicy, z_enc: torch.Tensor, batch: POMPCReplayBufferSamples, config: POMPCConfig,
-                   kl_coef: torch.Tensor, gamma: float, where: str) -> Logs:
-    """One step of the KL-regularised critic Q̃ on encoder latents with buffer actions, toward
-    :func:`~sb3_pompc.objectives.kl_value_target` (``kl_value=True``).
+def kl_critic_step(policy: POMPCPolicy, zs: torch.Tensor, z_enc: torch.Tensor, batch: POMPCReplayBufferSamples,
+                   config: POMPCConfig, kl_coef: torch.Tensor, gamma: float, where: str) -> Logs:
+    """One step of the KL-regularised critic Q̃ toward :func:`~sb3_pompc.objectives.kl_value_target`
+    (``kl_value=True``). Q̃ is trained where π_s queries it, on the rollout latents ẑ_t with the buffer actions; its
+    target bootstraps from the encoder latents of the next observations, as the critic Q does.
 
+    :param zs: rollout latents ẑ (H + 1, B, L), detached
     :param z_enc: encoder latents of the window (H + 1, B, L), no gradient
-    :param kl_coef: λ of this update
+    :param kl_coef: λ of this update (0 while the KL terms wait)
     :param gamma: discount
     :param where: update and timestep, for error messages
     """
@@ -183,10 +195,13 @@ def kl_critic_step(policy: POMPCPolicy, z_enc: torch.Tensor, batch: POMPCReplayB
         out = model.pi(z_next)
         next_kl = obj.kl_to_reference(model, out, z_next, batch.plan_mean[1 : T + 1], batch.plan_std[1 : T + 1],
                                       config.kl_reference)
+        if config.mask_unplanned and config.kl_reference == "planner":
+            next_kl = next_kl * batch.has_plan[1 : T + 1]  # no penalty where the buffer holds no real plan
         q_next = model.critic_value(z_next.reshape(-1, z_next.shape[-1]), out.action.reshape(-1, out.action.shape[-1]),
                                     reduce=config.target_reduce, target=True, kl=True).reshape(T, -1, 1)
-        y = obj.kl_value_target(batch.rewards[:T], batch.terminated[:T], q_next, next_kl, kl_coef, gamma)
-    z = z_enc[:T].reshape(-1, z_enc.shape[-1])
+        y = obj.kl_value_target(batch.rewards[:T], batch.terminated[:T], q_next, next_kl, kl_coef, gamma,
+                                policy.q_scale.value, policy.kl_scale.value)
+    z = zs[:T].reshape(-1, zs.shape[-1])
     with autocast(z_enc.device.type, config.update_dtype):
         logits = model.critic_logits(z, batch.actions[:T].reshape(-1, batch.actions.shape[-1]), kl=True)
     loss = obj.ensemble_soft_ce_loss(logits.reshape(model.num_q, T, -1, logits.shape[-1]), y, model.two_hot, config.rho)

@@ -307,7 +307,8 @@ def test_update_reanalyzes_every_interval_and_never_while_pretraining(monkeypatc
 @pytest.mark.parametrize("target_kl, direction", [(1e-6, +1), (1e6, -1)], ids=["target-below", "target-above"])
 def test_auto_lambda_moves_toward_the_target_kl(target_kl: float, direction: int) -> None:
     """``kl_coef="auto_1.0"``: λ grows at every update while the KL exceeds the target and shrinks while it is below."""
-    model = filled(POMPC("MlpPolicy", "Pendulum-v1", seed=0, **tiny(kl_coef="auto_1.0", target_kl=target_kl)))
+    model = filled(POMPC("MlpPolicy", "Pendulum-v1", seed=0, **tiny(kl_coef="auto_1.0", target_kl=target_kl,
+                                                                      mask_unplanned=False)))
     assert model.current_kl_coef() == pytest.approx(1.0)
     lams = [model.current_kl_coef()]
     for _ in range(6):
@@ -318,11 +319,12 @@ def test_auto_lambda_moves_toward_the_target_kl(target_kl: float, direction: int
     assert model.current_kl_coef() == pytest.approx(float(model.log_kl_coef.detach().exp()))
 
 
-def test_kl_warmup_forces_lambda_to_zero_for_the_first_k_policy_updates(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``kl_coef="auto", kl_warmup=k``: the first k policy updates use λ = 0 (no KL term in the policy loss), report
+def test_kl_warmup_forces_lambda_to_zero_for_the_first_k_updates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kl_coef="auto", kl_warmup=k``: the first k updates use λ = 0 (no KL term in the policy loss), report
     λ = 0, and leave the λ optimiser unstepped; the KL term and the dual steps start at update k + 1."""
     k = 3
-    model = filled(POMPC("MlpPolicy", "Pendulum-v1", seed=0, **tiny(kl_coef="auto", kl_warmup=k, target_kl=1e-6)))
+    model = filled(POMPC("MlpPolicy", "Pendulum-v1", seed=0, **tiny(kl_coef="auto", kl_warmup=k, target_kl=1e-6,
+                                                                      mask_unplanned=False)))
     loss_calls = record_calls(monkeypatch, obj, "policy_loss")
     log_lam0 = model.log_kl_coef.detach().clone()
     used, reported, log_lams = [], [], []
@@ -415,7 +417,8 @@ def test_kl_value_critic_is_trained_toward_the_kl_regularised_target(monkeypatch
     built from r, (1 − term), Q̃_targ, λ and the KL at z' over H − 1 steps with the raw planner prior (π^P exists at
     obs[1..H−1] only) and over H steps with a learned prior."""
     lam = 0.5
-    model = filled(POMPC("MlpPolicy", "Pendulum-v1", seed=0, **tiny(kl_value=True, kl_coef=lam, prior=prior)))
+    model = filled(POMPC("MlpPolicy", "Pendulum-v1", seed=0, **tiny(kl_value=True, kl_coef=lam, prior=prior,
+                                                                      mask_unplanned=False)))
     wm = model.policy.model
     assert wm.kl_critic is not None and wm.kl_critic_target is not None
     assert wm.kl_critic is not wm.critic and model.policy.kl_critic_optimizer is not None
@@ -431,12 +434,13 @@ def test_kl_value_critic_is_trained_toward_the_kl_regularised_target(monkeypatch
         assert not same_params(wm.critic, q)
     assert len(calls) == 3
     for call, batch in zip(calls, [c["out"] for c in batches]):
-        reward, terminated, next_q, next_kl, kl_coef, gamma = call["args"]
+        reward, terminated, next_q, next_kl, kl_coef, gamma, q_scale, kl_scale = call["args"]
         y = call["out"]
         for tensor in (reward, terminated, next_q, next_kl, y):
             assert tensor.shape == (T, BATCH, 1)
         assert torch.equal(reward, batch.rewards[:T]) and torch.equal(terminated, batch.terminated[:T])
         assert float(kl_coef) == lam and gamma == model.gamma
+        assert q_scale is model.policy.q_scale.value and kl_scale is model.policy.kl_scale.value  # S_Q / S_KL unit
         assert torch.all(next_kl >= 0) and torch.all(torch.isfinite(next_kl)) and torch.any(next_kl > 0)
 
 

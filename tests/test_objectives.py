@@ -259,28 +259,73 @@ def test_lambda_zero_infinite_and_finite_policy_gradients(make_tiny_model, ref):
     pure_kl_obj = ref.rho_mean(kl / S_kl - beta * ent, rho)  # BMPC
     g_ret, g_kl, g_pure = _pi_grad(model, ret_obj), _pi_grad(model, kl_obj), _pi_grad(model, pure_kl_obj)
     assert g_ret.abs().max() > 1e-6 and g_kl.abs().max() > 1e-6
-    # λ = 0: the return-only gradient, whether or not the KL is passed
+    # λ = 0 is exactly TD-MPC2's loss: the return-only objective, whether or not the KL is passed
     for kl_arg in (None, kl):
         loss0 = obj.policy_loss(q, kl_arg, ent, 0.0, rho, beta, q_scale=S_q, kl_scale=S_kl)
         torch.testing.assert_close(loss0, ret_obj)
         torch.testing.assert_close(_pi_grad(model, loss0), g_ret)
-    # λ = ∞: the pure KL objective with its own scale; the return term is dropped
-    loss_inf = obj.policy_loss(q, kl, ent, float("inf"), rho, beta, q_scale=S_q, kl_scale=S_kl)
-    torch.testing.assert_close(loss_inf, pure_kl_obj)
-    torch.testing.assert_close(_pi_grad(model, loss_inf), g_pure)
-    torch.testing.assert_close(obj.policy_loss(None, kl, ent, float("inf"), rho, beta, kl_scale=S_kl), pure_kl_obj)
-    # finite λ: return gradient + λ · KL gradient (float and tensor λ alike)
-    for lam in (0.3, 4.0, torch.tensor(4.0)):
+    # λ = ∞ is exactly BMPC's loss: the KL over its own scale and the entropy bonus; the return term is dropped
+    for q_arg in (None, q):
+        loss_inf = obj.policy_loss(q_arg, kl, ent, float("inf"), rho, beta, q_scale=S_q, kl_scale=S_kl)
+        torch.testing.assert_close(loss_inf, pure_kl_obj)
+        torch.testing.assert_close(_pi_grad(model, loss_inf), g_pure)
+    # finite λ: the convex mix with α = λ/(1+λ) of the two normalised terms (float and tensor λ alike)
+    for lam in (0.1, 1.0, 9.0, torch.tensor(4.0)):
+        alpha = float(lam) / (1.0 + float(lam))
+        expected = ref.rho_mean((1 - alpha) * (-q / S_q) + alpha * kl / S_kl - beta * ent, rho)
         loss = obj.policy_loss(q, kl, ent, lam, rho, beta, q_scale=S_q, kl_scale=S_kl)
-        torch.testing.assert_close(loss, ret_obj + float(lam) * kl_obj)
-        torch.testing.assert_close(_pi_grad(model, loss), g_ret + float(lam) * g_kl, rtol=1e-4, atol=1e-7)
-    # large λ: the direction approaches the KL gradient
-    g_big = _pi_grad(model, obj.policy_loss(q, kl, ent, 1e6, rho, beta, q_scale=S_q))
-    assert F.cosine_similarity(g_big, g_kl, dim=0) > 0.999
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(_pi_grad(model, loss), _pi_grad(model, expected), rtol=1e-4, atol=1e-7)
+    # λ = 1 weighs the normalised return and the normalised KL equally
+    loss_one = obj.policy_loss(q, kl, ent, 1.0, rho, beta, q_scale=S_q, kl_scale=S_kl)
+    torch.testing.assert_close(loss_one, ref.rho_mean(0.5 * (-q / S_q) + 0.5 * kl / S_kl - beta * ent, rho))
+    # continuous at both ends: λ = 1e8 is λ = ∞ and λ = 1e-8 is λ = 0, loss and gradient, to 1e-5 relative
+    for lam_near, lam_end in ((1e-8, 0.0), (1e8, float("inf"))):
+        near = obj.policy_loss(q, kl, ent, lam_near, rho, beta, q_scale=S_q, kl_scale=S_kl)
+        end = obj.policy_loss(q, kl, ent, lam_end, rho, beta, q_scale=S_q, kl_scale=S_kl)
+        assert abs(near.item() - end.item()) <= 1e-5 * abs(end.item())
+        g_near, g_end = _pi_grad(model, near), _pi_grad(model, end)
+        assert (g_near - g_end).norm() <= 1e-5 * g_end.norm()
     with pytest.raises(ValueError):
         obj.policy_loss(q, None, ent, float("inf"), rho)
     with pytest.raises(ValueError):
         obj.policy_loss(None, kl, ent, 1.0, rho)
+
+
+def test_masked_kl_rows_add_nothing_and_the_rest_is_renormalised(ref):
+    """Rows without a real plan (``has_plan = 0``) add no KL term; the mean runs over the planned rows only."""
+    T, B = 3, 6
+    kl = torch.rand(T, B, 1)
+    mask = torch.ones(T, B, 1)
+    mask[:, :2] = 0.0
+    mask[2] = 0.0  # a step with no planned row adds 0
+    kl_changed = kl.clone()
+    kl_changed[:, :2] = 1e6  # what the masked rows hold does not matter
+    expected = sum(0.5**t * kl[t, 2:].mean() for t in range(2)) / T
+    for x in (kl, kl_changed):
+        torch.testing.assert_close(obj.masked_time_weighted_mean(x, mask, 0.5), expected)
+    torch.testing.assert_close(obj.masked_time_weighted_mean(kl, None, 0.5), obj.time_weighted_mean(kl, 0.5))
+    ent, q = torch.zeros(T, B, 1), torch.zeros(T, B, 1)
+    loss = obj.policy_loss(q, kl_changed, ent, float("inf"), 0.5, kl_scale=1.0, kl_mask=mask)
+    torch.testing.assert_close(loss, expected)
+    prior, _ = obj.prior_loss(torch.zeros(T, B, 2), torch.ones(T, B, 2), torch.ones(T, B, 2), torch.ones(T, B, 2),
+                              "reverse", 0.5, mask)
+    torch.testing.assert_close(prior, torch.tensor(0.5 * (1 + 0.5) / T))  # KL(N(0,1)‖N(1,1)) = 1/2 per dim
+
+
+def test_kl_value_target_is_the_soft_bellman_backup_at_the_policy_losss_temperature() -> None:
+    """``y = r + γ(1−term)(Q̃' − λ·(S_Q/S_KL)·KL')``: π_s's loss is (1−α)/S_Q·[−Q̃ + λ(S_Q/S_KL)·KL], so the
+    target charges each future KL at the same temperature λ·S_Q/S_KL as the current one."""
+    r, term = torch.tensor([[[1.0]], [[2.0]]]), torch.tensor([[[0.0]], [[1.0]]])
+    q_next, kl_next = torch.tensor([[[10.0]], [[10.0]]]), torch.tensor([[[0.5]], [[0.5]]])
+    y = obj.kl_value_target(r, term, q_next, kl_next, torch.tensor(2.0), 0.9, q_scale=3.0, kl_scale=1.5)
+    torch.testing.assert_close(y, torch.tensor([[[1.0 + 0.9 * (10.0 - 2.0 * 2.0 * 0.5)]], [[2.0]]]))
+    # the policy loss's minimiser at a fixed Q̃ balances −Q̃ and τ·KL with τ = λ·S_Q/S_KL
+    lam, S_q, S_kl = 2.0, 3.0, 1.5
+    alpha = lam / (1 + lam)
+    q, kl, zero = torch.tensor([[[4.0]]]), torch.tensor([[[0.7]]]), torch.zeros(1, 1, 1)
+    loss = obj.policy_loss(q, kl, zero, lam, 1.0, 0.0, q_scale=S_q, kl_scale=S_kl)
+    torch.testing.assert_close(loss, (1 - alpha) / S_q * (-q + lam * S_q / S_kl * kl).reshape(()))
 
 
 def test_critic_gradient_does_not_reach_the_critic_through_the_policy_loss(make_tiny_model):

@@ -1,0 +1,84 @@
+"""One training run for the A/B tables of docs/experiments.md: train, evaluate every ``--eval-every`` steps, write
+``eval.csv`` (step, mean, std, wall_time_s), ``summary.json`` and ``model.zip`` into ``--out``.
+
+It uses only the public API (``POMPC``, ``learn``, ``evaluate_policy``), so the same file runs against an older
+checkout of the package (``PYTHONPATH=<checkout> python docs/experiments/ab_run.py ...``), which is how the rows of
+the previous default were produced.
+
+Example::
+
+    python docs/experiments/ab_run.py --env Pendulum-v1 --steps 10000 --seed 0 --small --out runs/new_s0
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# the small model of the Pendulum rows (a few minutes per 10k steps on one CPU core)
+SMALL = dict(model_size=None, latent_dim=64, mlp_dim=128, enc_dim=64, num_q=2, num_samples=128, num_elites=16,
+             num_pi_trajs=8, iterations=3, batch_size=64, reanalyze_interval=0)
+# the CPU settings of the DMControl rows
+CPU = dict(model_size=1, num_samples=64, num_elites=8, num_pi_trajs=4, iterations=3, batch_size=64,
+           reanalyze_interval=0, pretrain_updates=500)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--env", default="Pendulum-v1")
+    p.add_argument("--steps", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=2500)
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--small", action="store_true", help="the small Pendulum model")
+    p.add_argument("--cpu", action="store_true", help="the CPU DMControl settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a POMPC keyword argument")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    import gymnasium as gym
+    from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.monitor import Monitor
+
+    import sb3_pompc  # noqa: F401  (registers the dmc ids)
+    from sb3_pompc import POMPC
+
+    kwargs = {**(SMALL if args.small else {}), **(CPU if args.cpu else {})}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model = POMPC("MlpPolicy", args.env, seed=args.seed, **kwargs)
+    eval_env = Monitor(gym.make(args.env))
+    eval_env.reset(seed=10_000 + args.seed)
+    rows, start, done = [], time.time(), 0
+    while done < args.steps:
+        chunk = min(args.eval_every, args.steps - done)
+        model.learn(chunk, reset_num_timesteps=done == 0)
+        done += chunk
+        mean, std = evaluate_policy(model, eval_env, n_eval_episodes=args.episodes, deterministic=True)
+        rows.append(dict(step=model.num_timesteps, mean=float(mean), std=float(std), wall_time_s=time.time() - start))
+        print(rows[-1], flush=True)
+    with open(out / "eval.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    model.save(out / "model.zip")
+    (out / "summary.json").write_text(json.dumps(dict(env=args.env, steps=args.steps, seed=args.seed, settings=kwargs,
+                                                      final=rows[-1]), indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
