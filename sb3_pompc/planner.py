@@ -102,17 +102,19 @@ class MPPIPlanner:
         self.temperature, self.min_std, self.max_std, self.gamma = temperature, min_std, max_std, gamma
         self.deterministic_action = deterministic_action
 
-    def draw_noise(self, n: int, action_dim: int, num_q: int, device: torch.device) -> PlannerNoise:
-        """Draw every random number of one plan of ``n`` states."""
+    def draw_noise(self, n: int, action_dim: int, num_q: int, device: torch.device,
+                   generator: Optional[torch.Generator] = None) -> PlannerNoise:
+        """Draw every random number of one plan of ``n`` states (from ``generator``, else torch's global one)."""
         H, I, N, P, K, A = self.horizon, self.iterations, self.num_samples, self.num_pi_trajs, self.num_elites, action_dim
-        u = torch.rand(n, K, device=device).clamp_(1e-20, 1.0 - 1e-7)
+        g = dict(device=device, generator=generator)
+        u = torch.rand(n, K, **g).clamp_(1e-20, 1.0 - 1e-7)
         return PlannerNoise(
-            pi_eps=torch.randn(H, n, P, A, device=device),
-            term_eps=torch.randn(I, n, N, A, device=device),
-            act_eps=torch.randn(I, H, n, N - P, A, device=device),
-            heads=torch.rand(I, num_q, device=device).argsort(dim=-1)[:, :2],
+            pi_eps=torch.randn(H, n, P, A, **g),
+            term_eps=torch.randn(I, n, N, A, **g),
+            act_eps=torch.randn(I, H, n, N - P, A, **g),
+            heads=torch.rand(I, num_q, **g).argsort(dim=-1)[:, :2],
             gumbel=-torch.log(-torch.log(u)),
-            explore=torch.randn(n, A, device=device),
+            explore=torch.randn(n, A, **g),
         )
 
     def _rollout_value(

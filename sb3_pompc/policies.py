@@ -148,7 +148,11 @@ class POMPCPolicy(BasePolicy):
         memory that the next call overwrites (e.g. an ``EvalCallback``'s ``predict`` between two env steps)."""
         planner = self.planner if planner is None else planner
         if noise is None:  # drawn eagerly, so the compiled plan uses the very same random numbers as eager
-            noise = planner.draw_noise(obs.shape[0], self.model.action_dim, self.model.num_q, obs.device)
+            # a deterministic plan draws its samples from a fixed seed: the same observations (and warm start) give
+            # the same actions, and evaluating leaves the global random stream of training untouched
+            fixed = deterministic and planner.deterministic_action != "sample"
+            generator = torch.Generator(obs.device).manual_seed(0) if fixed else None
+            noise = planner.draw_noise(obs.shape[0], self.model.action_dim, self.model.num_q, obs.device, generator)
         if self.compile and planner is self.planner and not eager:
             if self._compiled_plan is None:
                 mode = "reduce-overhead" if self.device.type == "cuda" else None
