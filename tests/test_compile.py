@@ -119,6 +119,8 @@ def test_compiled_plan_returns_copies_that_survive_a_replay() -> None:
 
     policy._compiled_plan = compiled_plan
     model._setup_learn(total_timesteps=2)  # resets the env: _last_obs
+    fill_replay_buffer(model)
+    model.train(gradient_steps=0, batch_size=8)  # the pretraining burst (no updates here): planning starts
     model._sample_action(learning_starts=0)
     kept = model._plan_mean.clone()
     assert len(returned) == 1 and returned[-1].mean.abs().max() > 0
