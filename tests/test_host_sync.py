@@ -90,14 +90,25 @@ class ForeachAdam(torch.optim.Adam):
         super().__init__(params, foreach=True, **kwargs)
 
 
+_Generator = torch.Generator
+
+
+def meta_generator(device: Any = "cpu") -> torch.Generator:
+    """``torch.Generator(device)``, but a CPU generator for the meta device, which has none (a meta tensor has no
+    values to draw; ``torch.randn(..., device="meta", generator=cpu_generator)`` gives its shape)."""
+    return _Generator("cpu" if torch.device(device).type == "meta" else device)
+
+
 def meta_agent(monkeypatch: pytest.MonkeyPatch, n_envs: int = 2, **overrides: Any) -> POMPC:
-    """A tiny agent whose every tensor lives on the meta device, with a full replay buffer."""
+    """A tiny agent whose every tensor lives on the meta device, with a full replay buffer (and a CPU generator for
+    the fixed-seed samples of deterministic plans, see :func:`meta_generator`)."""
     env_fn = lambda: SyntheticEnv(5, 2)  # noqa: E731
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     cfg = tiny_algo(num_q=5, learning_starts=0, pretrain_updates=0, buffer_size=512, **overrides)
     model = POMPC("MlpPolicy", DummyVecEnv([env_fn] * n_envs), device="meta", seed=0, **cfg)
     monkeypatch.setattr(torch.optim, "Adam", ForeachAdam)
+    monkeypatch.setattr(torch, "Generator", meta_generator)
     model.policy._build(model.lr_schedule)  # optimisers over the meta parameters
     if model.log_kl_coef is not None:
         model.kl_coef_optimizer = torch.optim.Adam([model.log_kl_coef], lr=model.lr_schedule(1))
