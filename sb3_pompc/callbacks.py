@@ -229,13 +229,14 @@ class EvalCurveCallback(BaseCallback):
 
 
 class TrainingProgressBar(BaseCallback):
-    """A tqdm bar over the environment steps of ``learn()`` with rate and ETA; during the random warm-up
-    (``model.learning_starts``) its label says so.
+    """tqdm bars over the environment steps of ``learn()``, with rate and ETA: one over the random warm-up
+    (``model.learning_starts`` steps), then a line for the pretraining burst (``model.pretrain_updates`` updates,
+    which run without a bar), then one over the planned steps, whose ETA is not skewed by the cheap warm-up steps.
 
     SB3's ``learn(progress_bar=True)`` draws a rich live display, which cannot share the terminal with a second bar;
-    this plain tqdm bar leaves room for the evaluation bar of :class:`EvalCurveCallback` below it.
+    these plain tqdm bars leave room for the evaluation bar of :class:`EvalCurveCallback` below them.
 
-    :param desc: text in front of the bar
+    :param desc: text in front of the bar of the planned steps
     :param mininterval: seconds between redraws
     """
 
@@ -244,25 +245,41 @@ class TrainingProgressBar(BaseCallback):
         self.desc = desc
         self.mininterval = mininterval
         self.bar: Any = None
+        self._total = 0
         self._warmup = 0
 
+    def _open(self, desc: str, total: int, initial: int) -> None:
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                        mininterval=self.mininterval)
+
     def _on_training_start(self) -> None:
-        total = int(self.locals["total_timesteps"]) - int(self.model.num_timesteps)
+        self._total = int(self.locals["total_timesteps"])
+        start = int(self.model.num_timesteps)
         self._warmup = int(getattr(self.model, "learning_starts", 0) or 0)
-        desc = "warm-up" if self.model.num_timesteps < self._warmup else self.desc
-        self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=self.mininterval,
-                        smoothing=0.05)
+        if start < self._warmup:
+            self._open("warm-up (random actions)", min(self._warmup, self._total), start)
+        else:
+            self._warmup = 0
+            self._open(self.desc, self._total, start)
 
     def _on_step(self) -> bool:
-        self.bar.update(self.training_env.num_envs)
-        if self._warmup and self.num_timesteps >= self._warmup:
-            self._warmup = 0
-            self.bar.set_description_str(self.desc)
+        step = int(self.num_timesteps)
+        if self.bar is not None:
+            self.bar.update(min(step, self.bar.total) - self.bar.n)
+        if self._warmup and step >= self._warmup and self.bar is not None and self.bar.desc != self.desc:
+            self.bar.close()
+            self.bar = None
+            updates = int(getattr(self.model, "pretrain_updates", 0) or 0)
+            if updates and step < self._total:
+                tqdm.write(f"pretraining: {updates} updates before the first planned step (no bar while they run)")
+        elif self._warmup and step > self._warmup + 1 and self.bar is None and step < self._total:
+            self._open(self.desc, self._total, step)  # the burst ran after the first step past the warm-up
         return True
 
     def _on_training_end(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def read_eval_csv(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:

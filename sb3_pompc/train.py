@@ -134,6 +134,10 @@ def measure_plan_seconds(model: Any, repeats: int = 3) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -159,10 +163,10 @@ def describe_plan(model: Any, env_id: str, length: Optional[int], steps: int, ou
         f"{'CPU-sized settings, ' if cpu else ''}device={model.device}, seed={model.seed}",
         f"  training:   {steps:,} steps = {min(steps, warmup):,} warm-up steps with random actions "
         f"(learning_starts={warmup})" + (f", a burst of {model.pretrain_updates} updates, then {planned:,} planned "
-                                         f"steps with {model.gradient_steps} update(s) each" if planned else ""),
+                                         f"steps with {_count(model.gradient_steps, 'update')} each" if planned else ""),
     ]
     points = eval_schedule(steps, eval_freq, eval_at_start)
-    cost = f"{len(points)} evaluations x {eval_episodes} episodes"
+    cost = f"{_count(len(points), 'evaluation')} x {_count(eval_episodes, 'episode')}"
     if length:
         plans = len(points) * eval_episodes * int(length)
         cost += f" x {length} steps = {plans:,} planned steps"

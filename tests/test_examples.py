@@ -308,9 +308,8 @@ class _RecordingBar:
 
     made: list["_RecordingBar"] = []
 
-    def __init__(self, total=None, desc=None, unit=None, **kwargs) -> None:
-        self.total, self.desc, self.unit, self.n, self.closed = total, desc, unit, 0, False
-        self.descs = [desc]
+    def __init__(self, total=None, desc=None, unit=None, initial=0, **kwargs) -> None:
+        self.total, self.desc, self.unit, self.n, self.initial, self.closed = total, desc, unit, initial, initial, False
         _RecordingBar.made.append(self)
 
     def update(self, n: int = 1) -> None:
@@ -319,26 +318,26 @@ class _RecordingBar:
     def close(self) -> None:
         self.closed = True
 
-    def set_description_str(self, desc: str) -> None:
-        self.descs.append(desc)
-
     @staticmethod
     def write(text: str) -> None:
         print(text)
 
 
 def test_progress_bars(monkeypatch) -> None:
-    """The evaluation bar counts every evaluation step (2 episodes x 50 steps); the training bar every env step."""
+    """The evaluation bar counts every evaluation step (2 episodes x 50 steps); the training bars count the warm-up
+    (learning_starts=50 steps), then, after the pretraining burst, the planned steps up to the end."""
     monkeypatch.setattr(callbacks_module, "tqdm", _RecordingBar)
     _RecordingBar.made = []
     cb = EvalCurveCallback(gym.make(SHORT_ENV), eval_freq=60, n_eval_episodes=2, eval_seed=1, eval_at_start=False,
                            progress_bar=True)
     _tiny_model().learn(120, callback=[TrainingProgressBar(), cb])
-    train_bar, *eval_bars = _RecordingBar.made
-    assert (train_bar.unit, train_bar.total, train_bar.n, train_bar.closed) == ("step", 120, 120, True)
-    assert train_bar.descs == ["warm-up", "training"]  # labelled as warm-up for the first learning_starts steps
-    assert [b.desc for b in eval_bars] == ["eval @ 60", "eval @ 120"]
-    assert all(b.total == b.n == 100 and b.closed for b in eval_bars)
+    warmup, train, eval_60, eval_120 = _RecordingBar.made
+    assert warmup.desc.startswith("warm-up") and (warmup.total, warmup.n, warmup.closed) == (50, 50, True)
+    # opened after the burst (which runs after step 51), counting from there to the end
+    assert (train.desc, train.unit, train.initial, train.total, train.n, train.closed) == (
+        "training", "step", 52, 120, 120, True)
+    assert [b.desc for b in (eval_60, eval_120)] == ["eval @ 60", "eval @ 120"]
+    assert all(b.total == b.n == 100 and b.closed for b in (eval_60, eval_120))
     assert EvalCurveCallback(gym.make(SHORT_ENV))._make_bar(0) == (None, None)  # no bar unless asked
 
 
