@@ -4,7 +4,9 @@ anything reaches the networks or the replay buffer."""
 
 from __future__ import annotations
 
+import math
 import pathlib
+import warnings
 import zipfile
 from typing import Any, Optional, Union
 
@@ -12,7 +14,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-__all__ = ["check_spaces", "prepare_env", "flatten_dict_obs", "check_model_file", "check_transition"]
+__all__ = ["check_spaces", "prepare_env", "flatten_dict_obs", "check_model_file", "check_transition",
+           "check_replay_buffer_kwargs", "RewardScaleCheck"]
 
 
 def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
@@ -24,6 +27,12 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
         )
     if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
         raise ValueError(f"POMPC needs finite action bounds, got low={action_space.low}, high={action_space.high}")
+    width = np.asarray(action_space.high, np.float64) - np.asarray(action_space.low, np.float64)
+    if not (np.all(width > 0) and np.all(np.isfinite(width.astype(action_space.dtype)))):
+        raise ValueError(
+            f"POMPC scales actions to [-1, 1] and needs low < high with a finite width in every dimension, got "
+            f"low={action_space.low}, high={action_space.high}"
+        )
     if isinstance(observation_space, spaces.Dict):
         raise ValueError(
             "POMPC needs a flat Box observation space; Dict observations are flattened automatically when a "
@@ -32,7 +41,7 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
         )
     if not isinstance(observation_space, spaces.Box):
         raise ValueError(f"POMPC supports Box observation spaces only, got {observation_space}")
-    if observation_space.dtype == np.uint8 or len(observation_space.shape) > 2:
+    if len(observation_space.shape) > 2 or (observation_space.dtype == np.uint8 and len(observation_space.shape) == 2):
         raise ValueError(
             f"POMPC supports state (vector) observations only; got an image-like space {observation_space}. "
             "Use state observations (e.g. the 'dmc/<domain>-<task>-v0' ids)."
@@ -124,3 +133,56 @@ def check_transition(action: np.ndarray, last_obs: Union[np.ndarray, Any], new_o
             f"the environment returned a non-finite observation (NaN or inf) from reset() before timestep "
             f"{timestep}; training stopped before it reached the replay buffer"
         )
+
+
+def check_replay_buffer_kwargs(replay_buffer_kwargs: Optional[dict[str, Any]], horizon: int) -> None:
+    """The buffer samples windows of the planning horizon: a different ``replay_buffer_kwargs["horizon"]`` would
+    train on other windows than the planner plans, so it is refused."""
+    given = (replay_buffer_kwargs or {}).get("horizon", horizon)
+    if given != horizon:
+        raise ValueError(
+            f"replay_buffer_kwargs['horizon'] ({given}) differs from horizon ({horizon}): the buffer's windows must "
+            "be the planning horizon; set horizon only"
+        )
+
+
+class RewardScaleCheck:
+    """Warns, once each, when the rewards fall outside what the critics can represent. Values live on a two-hot
+    support of ``num_bins`` bins over symlog([−symexp(vmax), symexp(vmax)]), ±22,025 for vmax = 10:
+
+    - a return of up to ``max |r| / (1 − γ)`` beyond that range is clipped, and the reward head clips ``r`` itself,
+      so the agent cannot tell large rewards apart (checked at every stored transition);
+    - returns of at most 0.1 vanish: bins are 0.2 wide in symlog space, and MPPI weighs trajectories by
+      ``exp(temperature · value)``, so the agent acts as with zero reward (checked when learning starts).
+
+    :param gamma: the discount
+    :param vmax: the support's symlog bound
+    """
+
+    def __init__(self, gamma: float, vmax: float = 10.0) -> None:
+        self.horizon_scale = 1.0 / max(1.0 - gamma, 1e-3)
+        self.limit = math.expm1(vmax)
+        self.largest = 0.0
+        self.warned: set[str] = set()
+
+    def observe(self, reward: np.ndarray) -> None:
+        """Record the rewards of one env step; warn at once if their returns leave the support."""
+        self.largest = max(self.largest, float(np.max(np.abs(reward))))
+        if self.largest * self.horizon_scale > self.limit and "large" not in self.warned:
+            self.warned.add("large")
+            warnings.warn(
+                f"a reward of {self.largest:.3g} per step gives returns up to ~{self.largest * self.horizon_scale:.3g}"
+                f", outside the value support (±{self.limit:,.0f}): rewards and values are clipped, and larger "
+                "rewards look the same to the agent. Scale the rewards down, e.g. VecNormalize(env, norm_reward=True)"
+                " or gymnasium.wrappers.TransformReward(env, lambda r: c * r).", UserWarning, stacklevel=3)
+
+    def before_learning(self) -> None:
+        """At the first update: warn if every reward so far is non-zero but too small to be seen."""
+        if 0.0 < self.largest * self.horizon_scale < 0.1 and "small" not in self.warned:
+            self.warned.add("small")
+            warnings.warn(
+                f"the rewards so far are at most {self.largest:.3g} per step, returns of at most "
+                f"~{self.largest * self.horizon_scale:.3g}: too small for the value support (two-hot bins 0.2 wide "
+                "in symlog space) and for MPPI's weights exp(temperature·value), so the agent would act as with "
+                "zero reward. Scale the rewards up, e.g. VecNormalize(env, norm_reward=True) or "
+                "gymnasium.wrappers.TransformReward(env, lambda r: c * r).", UserWarning, stacklevel=3)

@@ -409,6 +409,11 @@ def validate(c: POMPCConfig) -> None:
         raise ValueError("kl_warmup and reanalyze_interval must be >= 0 and reanalyze_batch_size >= 1")
     if not 0.0 <= float(c.gamma) <= 1.0:  # type: ignore[arg-type]
         raise ValueError(f"gamma must be in [0, 1] or 'auto', got {c.gamma}")
+    if c.buffer_size < 2 * c.horizon:
+        raise ValueError(
+            f"buffer_size ({c.buffer_size}) must be at least 2·horizon = {2 * c.horizon} rows per env: updates sample "
+            f"windows of {c.horizon} steps inside one episode, which a smaller buffer cannot always hold"
+        )
     if c.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {c.batch_size}")
     if c.simnorm_layout not in SimNorm.LAYOUTS:
@@ -417,44 +422,3 @@ def validate(c: POMPCConfig) -> None:
         if getattr(c, name) not in AUTOCAST_DTYPES:
             raise ValueError(f"{name} must be one of {sorted(AUTOCAST_DTYPES)}, got {getattr(c, name)!r}")
     MPPIPlanner(**c.planner_kwargs())  # the planner's own checks, before anything is built
-
-
-def legacy_config(attrs: dict[str, Any]) -> POMPCConfig:
-    """The config of a model saved before :class:`POMPCConfig` existed, when each setting was an attribute of the
-    algorithm (``cfg`` held the preset's settings, the policy kwargs the model's and the planner's).
-
-    :param attrs: the saved attributes
-    """
-    model, planner = attrs["policy_kwargs"]["model_kwargs"], attrs["policy_kwargs"]["planner_kwargs"]
-    freq = attrs["train_freq"]
-    return POMPCConfig(
-        **{k: v for k, v in attrs["cfg"].items()},
-        preset=attrs["preset"], kl_value=attrs["kl_value"], mask_unplanned=False, target_kl=attrs["target_kl"],
-        kl_warmup=attrs["kl_warmup"], learning_rate=attrs["learning_rate"], buffer_size=attrs["buffer_size"],
-        learning_starts=attrs["learning_starts"], pretrain_updates=attrs["pretrain_updates"],
-        batch_size=attrs["batch_size"], tau=attrs["tau"], gamma=attrs["gamma"],
-        train_freq=(freq.frequency, freq.unit.value), gradient_steps=attrs["gradient_steps"],
-        horizon=attrs["horizon"], iterations=attrs["iterations"],
-        **{k: planner[k] for k in ("num_samples", "num_elites", "num_pi_trajs", "temperature", "min_std", "max_std")},
-        deterministic_action=planner.get("deterministic_action", "sample"),
-        model_size=attrs["model_size"],
-        **{k: model[k] for k in ("latent_dim", "mlp_dim", "enc_dim", "num_enc_layers")},
-        simnorm_layout=model.get("simnorm_layout", "contiguous"),
-        reanalyze_batch_size=attrs["reanalyze_batch_size"], reanalyze_horizon=attrs["reanalyze_horizon"],
-        reanalyze_num_samples=attrs["reanalyze_num_samples"] or planner["num_samples"],
-        expl_log_std_min=attrs["expl_log_std_bounds"][0], expl_log_std_max=attrs["expl_log_std_bounds"][1],
-        episodic=attrs["episodic"], detect_termination=attrs["_episodic_auto"],
-        entropy_coef=attrs["entropy_coef"], rho=attrs["rho"], **attrs["loss_coefs"],
-        enc_lr_scale=attrs["enc_lr_scale"], grad_clip_norm=attrs["grad_clip_norm"],
-        planner_dtype=attrs["policy_kwargs"].get("planner_dtype", "float32"), update_dtype=attrs["update_dtype"],
-        compile=attrs["policy_kwargs"].get("compile", False),
-    )
-
-
-#: attributes of models saved before :class:`POMPCConfig` existed that the config now holds
-LEGACY_ATTRIBUTES = (
-    "cfg", "preset", "kl_coef", "kl_coef_init", "kl_coef_auto", "prior", "kl_value", "target_kl", "kl_warmup",
-    "horizon", "entropy_coef", "rho", "loss_coefs", "enc_lr_scale", "grad_clip_norm", "reanalyze_interval",
-    "reanalyze_batch_size", "reanalyze_horizon", "reanalyze_num_samples", "expl_log_std_bounds", "episode_length",
-    "pretrain_updates", "_episodic_auto", "episodic", "iterations", "model_size", "update_dtype",
-)

@@ -204,7 +204,10 @@ class POMPCPolicy(BasePolicy):
         if state.shape != (n, H, A):
             raise ValueError(f"state must be the planner mean of shape (n_envs, horizon, action_dim) = {(n, H, A)}, got {state.shape}")
         if episode_start is not None:
-            state = state * (1.0 - np.asarray(episode_start, dtype=np.float32).reshape(n, 1, 1))
+            episode_start = np.asarray(episode_start, dtype=np.float32)
+            if episode_start.size != n:
+                raise ValueError(f"episode_start must hold one flag per observation ({n}), got shape {episode_start.shape}")
+            state = state * (1.0 - episode_start.reshape(n, 1, 1))
         return torch.as_tensor(state, device=self.device)
 
     def predict(

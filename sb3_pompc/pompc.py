@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
 
 import numpy as np
@@ -20,8 +21,10 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 
 from sb3_pompc.buffers import POMPCReplayBuffer, POMPCReplayBufferSamples
-from sb3_pompc.checks import check_model_file, check_spaces, check_transition, prepare_env
-from sb3_pompc.config import FIELDS, LEGACY_ATTRIBUTES, POMPCConfig, legacy_config, resolve_config
+from sb3_pompc.checks import (RewardScaleCheck, check_model_file, check_replay_buffer_kwargs, check_spaces,
+                              check_transition, prepare_env)
+from sb3_pompc.config import FIELDS, POMPCConfig, resolve_config
+from sb3_pompc.loading import update_loaded_attributes
 from sb3_pompc.policies import MlpPolicy, POMPCPolicy
 from sb3_pompc.reanalyze import Reanalyzer
 from sb3_pompc.rng import get_rng_states, set_rng_states
@@ -184,6 +187,7 @@ class POMPC(OffPolicyAlgorithm):
             raise ValueError("replay_buffer_class must be a POMPCReplayBuffer (sub)class: it stores planner stats")
         env, self.dict_observation_space = prepare_env(env)
         self.config = config = resolve_config(preset, env, **settings)
+        check_replay_buffer_kwargs(replay_buffer_kwargs, config.horizon)
         super().__init__(
             policy, env, config.learning_rate, config.buffer_size, learning_starts=config.learning_starts,
             batch_size=config.batch_size, tau=config.tau, gamma=config.gamma, train_freq=config.train_freq,
@@ -222,12 +226,9 @@ class POMPC(OffPolicyAlgorithm):
 
     # ------------------------------------------------------------------------------------------ construction
     def _setup_model(self) -> None:
-        self.__dict__.setdefault("_has_plans", self.__dict__.get("_pretrained", False))  # files saved without it
-        if "cfg" in self.__dict__:  # a model saved before POMPCConfig existed: its settings were attributes
-            self.config = legacy_config(self.__dict__)
-            for name in LEGACY_ATTRIBUTES:
-                self.__dict__.pop(name, None)
+        update_loaded_attributes(self.__dict__)  # ``load``: older files, and settings given to ``load``
         super()._setup_model()
+        self._reward_check = RewardScaleCheck(self.config.gamma)
         if self.config.kl_mode == "learned":
             self.log_kl_coef = torch.log(torch.ones(1, device=self.device) * self.config.kl_coef_init).requires_grad_(True)
             self.kl_coef_optimizer = torch.optim.Adam([self.log_kl_coef], lr=self.lr_schedule(1))
@@ -242,24 +243,18 @@ class POMPC(OffPolicyAlgorithm):
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "reanalyzer", "_plan_mean", "_pending_plan", "_update_fns",
-                "_eager_update_fns"]
+                "_reward_check"]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
-        state_dicts = ["policy", "policy.optimizer", "policy.pi_optimizer"]
-        if self.policy.prior_optimizer is not None:
-            state_dicts.append("policy.prior_optimizer")
-        if self.policy.kl_critic_optimizer is not None:
-            state_dicts.append("policy.kl_critic_optimizer")
-        variables: list[str] = []
-        if self.kl_coef_optimizer is not None:
-            state_dicts.append("kl_coef_optimizer")
-            variables.append("log_kl_coef")
-        return state_dicts, variables
+        optimizers = ("optimizer", "pi_optimizer", "prior_optimizer", "kl_critic_optimizer")
+        state_dicts = ["policy"] + [f"policy.{name}" for name in optimizers if getattr(self.policy, name) is not None]
+        if self.kl_coef_optimizer is None:
+            return state_dicts, []
+        return [*state_dicts, "kl_coef_optimizer"], ["log_kl_coef"]
 
     def save(self, path: Any, exclude: Optional[list[str]] = None, include: Optional[list[str]] = None) -> None:
-        """SB3's ``save`` plus the RNG states: for a seeded model, ``load`` + ``load_replay_buffer`` +
-        ``learn(n, reset_num_timesteps=False)`` then continues exactly like an uninterrupted run (given the same env
-        state at the boundary, e.g. a new episode).
+        """SB3's ``save`` plus the RNG states: a seeded model that is loaded (with its replay buffer) continues
+        exactly like an uninterrupted run (given the same env state at the boundary, e.g. a new episode).
 
         :param path: file or file-like object
         :param exclude: extra attributes not to save
@@ -290,9 +285,10 @@ class POMPC(OffPolicyAlgorithm):
         :param custom_objects: replacements for saved objects that cannot be deserialised
         :param print_system_info: print the saving and loading system information
         :param force_reset: reset the env before training (SB3 default; a new episode starts after loading)
-        :param kwargs: attributes to change on the loaded model
+        :param kwargs: settings to change (they take effect; those that define the networks are refused)
         """
         check_model_file(path)
+        kwargs["_load_settings"] = {key: kwargs.pop(key) for key in list(kwargs) if key in FIELDS}
         env = prepare_env(env, check=False)[0] if env is not None else None
         return super().load(path, env=env, device=device, custom_objects=custom_objects,  # type: ignore[return-value]
                             print_system_info=print_system_info, force_reset=force_reset, **kwargs)
@@ -310,7 +306,7 @@ class POMPC(OffPolicyAlgorithm):
         self: SelfPOMPC,
         total_timesteps: int,
         callback: MaybeCallback = None,
-        log_interval: int = 4,
+        log_interval: int = 1,
         tb_log_name: str = "POMPC",
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
@@ -334,8 +330,10 @@ class POMPC(OffPolicyAlgorithm):
             scaled = self.policy.scale_action(unscaled)
             self._pending_plan = None
         else:  # one batched plan for every env, warm-started from the previous step's
+            start = time.perf_counter()
             action, self._plan_mean, self._pending_plan = self.policy.act(self._last_obs, self._plan_mean,  # type: ignore[arg-type]
                                                                           self._episode_start)
+            self.logger.record_mean("time/plan_ms", 1000.0 * (time.perf_counter() - start))
             scaled = action.reshape(n_envs, *self.action_space.shape)
         action = self.policy.unscale_action(scaled)
         return action, scaled
@@ -345,6 +343,7 @@ class POMPC(OffPolicyAlgorithm):
         buffer_action = np.clip(buffer_action, -1.0, 1.0)  # a callback may have moved it out of the box
         replay_buffer.set_next_plan(*(self._pending_plan or (None, None)))  # type: ignore[attr-defined]
         self._has_plans = self._has_plans or self._pending_plan is not None
+        self._reward_check.observe(reward)
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
         self._episode_start = np.asarray(dones, dtype=bool).copy()
         if self.config.detect_termination and not self.config.episodic and any(
@@ -370,12 +369,14 @@ class POMPC(OffPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizers() + ([self.kl_coef_optimizer] if self.kl_coef_optimizer else []))
         logs: list[dict[str, torch.Tensor]] = []
+        start = time.perf_counter()
         if not self._pretrained:  # the pretraining burst, once, when learning starts
+            self._reward_check.before_learning()
             logs += [self._update(batch_size, pretrain=True) for _ in range(self.config.pretrain_updates)]
             self._pretrained = True
         logs += [self._update(batch_size, pretrain=False) for _ in range(gradient_steps)]
-        if logs:
-            self._record(mean_logs(logs, self._where()))  # one host transfer, after every reanalyze copy queued
+        if logs:  # one host transfer, after every reanalyze copy queued
+            self._record(mean_logs(logs, self._where()), (time.perf_counter() - start) / len(logs))
         self.reanalyzer.flush()
 
     def update(self, batch_size: Optional[int] = None, eager: bool = False) -> dict[str, torch.Tensor]:
@@ -438,10 +439,11 @@ class POMPC(OffPolicyAlgorithm):
     def _where(self) -> str:
         return f"update {self._n_updates} (timestep {self.num_timesteps})"
 
-    def _record(self, means: dict[str, float]) -> None:
-        """Log each term's mean over this ``train()`` call (SB3 averages them again until the next dump)."""
+    def _record(self, means: dict[str, float], seconds_per_update: float) -> None:
+        """Log each term's mean over the updates since the last dump (each update logs its batch's statistics)."""
         for key, value in means.items():
             self.logger.record_mean(f"train/{key}", value)
+        self.logger.record_mean("time/update_ms", 1000.0 * seconds_per_update)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/kl_coef", self.current_kl_coef())
         self.logger.record("train/q_scale", self.policy.q_scale.value.item())
