@@ -112,11 +112,19 @@ def test_shapes_determinism_and_exploration_noise():
     # exploring: a = clamp(elite first action + σ0 · ε)
     torch.testing.assert_close(res.action, (res.plan_mean + res.plan_std * noise.explore).clamp(-1, 1))
     assert (res.action - res.plan_mean).abs().max() > 1e-3
-    # deterministic: no exploration noise, same plan
-    det = planner.plan(model, z, None, deterministic=True, noise=noise)
-    torch.testing.assert_close(det.action, det.plan_mean)
-    torch.testing.assert_close(det.plan_mean, res.plan_mean)
-    torch.testing.assert_close(det.mean, res.mean)
+    # deterministic: no exploration noise, the same MPPI run, and the action ``deterministic_action`` names
+    for how in ("elite", "mean", "sample"):
+        planner.deterministic_action = how
+        det = planner.plan(model, z, None, deterministic=True, noise=noise)
+        torch.testing.assert_close(det.action, det.plan_mean)
+        torch.testing.assert_close(det.mean, res.mean)
+        if how == "sample":  # TD-MPC2's protocol: the exploring plan's Gumbel-drawn elite, without the noise
+            torch.testing.assert_close(det.plan_mean, res.plan_mean)
+        if how == "mean":
+            torch.testing.assert_close(det.plan_mean, res.mean[:, 0])
+        if how == "elite":  # the highest-weight elite: no drawn elite has a higher value
+            assert torch.all(det.value >= res.value - 1e-6)
+    planner.deterministic_action = "elite"
     # without given noise: fresh noise each call
     a1 = planner.plan(model, z).plan_mean
     a2 = planner.plan(model, z).plan_mean

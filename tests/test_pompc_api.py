@@ -196,10 +196,10 @@ def test_learn_two_envs_plans_and_updates(trained: dict[str, Any]) -> None:
     assert model.n_envs == 2 and model.num_timesteps == 120
     rb = model.replay_buffer
     assert rb.pos == 60 and rb.n_envs == 2
-    # warm-up rows (timesteps < 50, i.e. the first 25 steps of each env) carry no plan, planned rows do
-    assert not rb.has_plan[:25].any()
-    assert rb.has_plan[25:60].all()
-    assert np.all(rb.plan_stds[25:60] >= model.policy.planner.min_std - 1e-6)
+    # warm-up rows (timesteps ≤ 50: the first plan comes after the pretraining burst) carry no plan, the others do
+    assert not rb.has_plan[:26].any()
+    assert rb.has_plan[26:60].all()
+    assert np.all(rb.plan_stds[26:60] >= model.policy.planner.min_std - 1e-6)
     # one update per step once num_timesteps > learning_starts, plus the pretraining burst
     steps_training = sum(1 for t in trained["counter"].timesteps_seen if t > model.learning_starts)
     assert model._n_updates == model.pretrain_updates + steps_training
@@ -213,7 +213,7 @@ def test_learn_single_env() -> None:
     model.learn(70)
     assert model.n_envs == 1 and model.num_timesteps == 70
     assert model._n_updates == 5 + 30
-    assert model.replay_buffer.has_plan[40:70].all() and not model.replay_buffer.has_plan[:40].any()
+    assert model.replay_buffer.has_plan[41:70].all() and not model.replay_buffer.has_plan[:41].any()
     changed = [k for k, v in model.policy.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.startswith("model.encoder") for k in changed) and any(k.startswith("model.pi.") for k in changed)
     assert _params_finite(model)
