@@ -1,4 +1,4 @@
-"""Learning checks: a CI-sized one (Pendulum, a few thousand steps) and the slow ones of the issue
+"""Learning checks: a CI-sized one (Pendulum, a few thousand steps) and the slow ones
 (cartpole-balance ≥ 900 after 30k steps, Pendulum ≥ −250 after 10k steps; run with ``pytest -m slow``).
 
 Each check also evaluates uniformly random actions on the same evaluation seeds, to show the threshold is one a
@@ -76,7 +76,7 @@ def test_pendulum_learns_fast(preset: str, extra: dict) -> None:
 
 @pytest.mark.slow
 def test_pendulum_10k() -> None:
-    """Issue 2: Pendulum-v1 mean return ≥ −250 after 10k steps."""
+    """Pendulum-v1 mean return ≥ −250 after 10k steps."""
     model = _train("Pendulum-v1", 10_000, seed=0, learning_starts=1000, pretrain_updates=1000, **PENDULUM_SMALL)
     score = _evaluate(model, "Pendulum-v1", episodes=10)
     assert _random_return("Pendulum-v1", episodes=10) < -250
@@ -85,7 +85,7 @@ def test_pendulum_10k() -> None:
 
 @pytest.mark.slow
 def test_cartpole_balance_30k() -> None:
-    """Issue 2: dmc/cartpole-balance eval return (10 episodes) ≥ 900 after 30k steps with the CPU preset."""
+    """dmc/cartpole-balance eval return (10 episodes) ≥ 900 after 30k steps with the CPU preset."""
     model = _train("dmc/cartpole-balance-v0", 30_000, seed=0, **CPU_SETTINGS)
     score = _evaluate(model, "dmc/cartpole-balance-v0", episodes=10)
     assert _random_return("dmc/cartpole-balance-v0", episodes=10) < 900
