@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_algo
+from test_family import record_calls
 
 from sb3_pompc import POMPC
 from sb3_pompc import objectives as obj
@@ -35,28 +36,15 @@ def test_pompc_preset_trains_the_kl_critic_and_masks_placeholders_the_others_do_
         resolve_config("pompc", None, kl_coef="inf", kl_value=True)
 
 
-def _record(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[dict[str, Any]]:
-    calls: list[dict[str, Any]] = []
-    original = getattr(owner, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        calls.append(dict(args=args, kwargs=kwargs, out=out))
-        return out
-
-    monkeypatch.setattr(owner, name, wrapper)
-    return calls
-
-
 def test_warm_up_rows_never_reach_the_prior_and_the_kl_terms_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     """During the pretraining burst every row is a random warm-up row (N(0, 1), ``has_plan = 0``): π_p's loss is 0
     and its parameters do not move, π_s's loss has no KL term and Q̃'s target no KL penalty. After the burst the
     first plans are stored and the KL terms start."""
     model = POMPC("MlpPolicy", short_pendulum(), seed=0, **tiny_algo(learning_starts=60, pretrain_updates=6))
     prior0 = [p.detach().clone() for p in model.policy.model.prior.parameters()]
-    prior_losses = _record(monkeypatch, obj, "prior_loss")
-    policy_losses = _record(monkeypatch, obj, "policy_loss")
-    kl_targets = _record(monkeypatch, obj, "kl_value_target")
+    prior_losses = record_calls(monkeypatch, obj, "prior_loss")
+    policy_losses = record_calls(monkeypatch, obj, "policy_loss")
+    kl_targets = record_calls(monkeypatch, obj, "kl_value_target")
     model.learn(61)  # the warm-up, then the burst of 6 updates and 1 update
     burst = slice(0, 6)
     assert all(float(c["out"][0]) == 0.0 for c in prior_losses[burst])
@@ -75,8 +63,8 @@ def test_planner_prior_windows_without_a_plan_add_no_kl(monkeypatch: pytest.Monk
     plan."""
     model = POMPC("MlpPolicy", short_pendulum(), seed=0, **tiny_algo(prior="planner", kl_warmup=0))
     model.learn(80)
-    losses = _record(monkeypatch, obj, "policy_loss")
-    targets = _record(monkeypatch, obj, "kl_value_target")
+    losses = record_calls(monkeypatch, obj, "policy_loss")
+    targets = record_calls(monkeypatch, obj, "kl_value_target")
     batches: list[Any] = []
     sample = model.replay_buffer.sample
 
@@ -100,7 +88,7 @@ def test_kl_critic_is_trained_on_the_rollout_latents(monkeypatch: pytest.MonkeyP
     """Q̃ is queried by π_s at the rollout latents ẑ_t: it is trained there (detached), not on encoder latents."""
     model = POMPC("MlpPolicy", short_pendulum(), seed=0, **tiny_algo(kl_warmup=0))
     model.learn(80)
-    wm_calls = _record(monkeypatch, obj, "world_model_loss")
+    wm_calls = record_calls(monkeypatch, obj, "world_model_loss")
     monkeypatch.setitem(model._update_fns, "world_model", obj.world_model_loss)
     seen: list[torch.Tensor] = []
     critic_logits = model.policy.model.critic_logits
