@@ -35,7 +35,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=2500)
-    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--episodes", type=int, default=5, help="evaluation episodes at each intermediate evaluation")
+    p.add_argument("--final-episodes", type=int, default=10, help="evaluation episodes at the end")
     p.add_argument("--small", action="store_true", help="the small Pendulum model")
     p.add_argument("--cpu", action="store_true", help="the CPU DMControl settings")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a POMPC keyword argument")
@@ -68,7 +69,8 @@ def main() -> None:
         chunk = min(args.eval_every, args.steps - done)
         model.learn(chunk, reset_num_timesteps=done == 0)
         done += chunk
-        mean, std = evaluate_policy(model, eval_env, n_eval_episodes=args.episodes, deterministic=True)
+        episodes = args.final_episodes if done >= args.steps else args.episodes
+        mean, std = evaluate_policy(model, eval_env, n_eval_episodes=episodes, deterministic=True)
         rows.append(dict(step=model.num_timesteps, mean=float(mean), std=float(std), wall_time_s=time.time() - start))
         print(rows[-1], flush=True)
     with open(out / "eval.csv", "w", newline="") as f:
