@@ -21,23 +21,23 @@ The episode length of a built environment is ``env.unwrapped.episode_length`` (a
 registered with ``max_episode_steps=None`` because they truncate by themselves. :func:`get_episode_length` gives the
 length of an episode of any environment, whichever way the length was set (see there).
 
-Headless machines: on Linux without ``DISPLAY``/``WAYLAND_DISPLAY`` and without ``MUJOCO_GL``, importing this module
-sets ``MUJOCO_GL=egl`` (``osmesa`` when EGL cannot be loaded), as TD-MPC2's training script does, before dm_control or
-MuJoCo is imported; an explicit ``MUJOCO_GL`` is never changed. GLFW's "The DISPLAY environment variable is missing"
-warning is filtered out (only that message of the ``glfw`` module).
+Headless machines: importing this module imports :mod:`sb3_pompc.headless`, which, on Linux without
+``DISPLAY``/``WAYLAND_DISPLAY`` and without ``MUJOCO_GL``, sets ``MUJOCO_GL=egl`` (``osmesa`` when EGL cannot be
+loaded) before dm_control or MuJoCo is imported (an explicit ``MUJOCO_GL`` is never changed), and filters out GLFW's
+"The DISPLAY environment variable is missing" warning.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
-from collections.abc import Callable, MutableMapping
 from typing import Any, Optional, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+
+from sb3_pompc.episodes import get_episode_length
+# sets MUJOCO_GL on import: it comes before any import of dm_control or MuJoCo (DMCEnv imports them when built)
+from sb3_pompc.headless import HEADLESS_GL_BACKENDS, select_headless_mujoco_gl
 
 #: Agent steps per episode in TD-MPC2's DMC protocol (= 1000 control steps with action repeat 2).
 DMC_EPISODE_LENGTH: int = 500
@@ -47,60 +47,6 @@ DMC_ACTION_REPEAT: int = 2
 DMC_NAMESPACE: str = "dmc"
 #: Version suffix of the registered Gymnasium ids.
 DMC_VERSION: int = 0
-
-#: OpenGL libraries tried, in order, for a headless ``MUJOCO_GL`` (backend name, shared libraries to ``dlopen``).
-HEADLESS_GL_BACKENDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("egl", ("libEGL.so.1", "libEGL.so")),
-    ("osmesa", ("libOSMesa.so.8", "libOSMesa.so.6", "libOSMesa.so")),
-)
-
-
-def _library_loads(names: tuple[str, ...]) -> bool:
-    """Whether one of the shared libraries ``names`` can be loaded."""
-    import ctypes
-
-    for name in names:
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            continue
-    return False
-
-
-def select_headless_mujoco_gl(
-    environ: Optional[MutableMapping[str, str]] = None,
-    platform: Optional[str] = None,
-    loads: Callable[[tuple[str, ...]], bool] = _library_loads,
-) -> Optional[str]:
-    """Set ``MUJOCO_GL`` for a headless Linux machine, before dm_control/MuJoCo is imported (run at import time).
-
-    Nothing changes when ``MUJOCO_GL`` is set, on other platforms, or when ``DISPLAY`` or ``WAYLAND_DISPLAY`` is set.
-    Otherwise ``MUJOCO_GL`` becomes the first backend of :data:`HEADLESS_GL_BACKENDS` whose library loads (``egl``,
-    then ``osmesa``); with neither, it stays unset and dm_control chooses.
-
-    :param environ: the environment to read and update (default ``os.environ``)
-    :param platform: the platform name (default ``sys.platform``)
-    :param loads: tells whether one of the given shared libraries can be loaded
-    :return: the backend that was set, or ``None`` when nothing was set
-    """
-    environ = os.environ if environ is None else environ
-    platform = sys.platform if platform is None else platform
-    if environ.get("MUJOCO_GL") is not None or not platform.startswith("linux"):
-        return None
-    if environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"):
-        return None
-    for backend, libraries in HEADLESS_GL_BACKENDS:
-        if loads(libraries):
-            environ["MUJOCO_GL"] = backend
-            return backend
-    return None
-
-
-select_headless_mujoco_gl()
-# dm_control tries GLFW first when MUJOCO_GL is unset, and GLFW warns once per process without an X display
-warnings.filterwarnings("ignore", message=r".*The DISPLAY environment variable is missing", category=UserWarning,
-                        module=r"glfw(\.|$)")
 
 #: Every ``(domain, task)`` pair of ``dm_control.suite.ALL_TASKS`` (dm_control 1.0.x), in the suite's order. Written out
 #: so that registering the ids does not import dm_control; ``tests/test_envs.py`` checks it against the installed suite.
@@ -436,75 +382,6 @@ def register_dmc_envs() -> list[str]:
             max_episode_steps=None,
         )
     return ids
-
-
-def _positive_int(value: Any) -> Optional[int]:
-    """``value`` as a positive int, or ``None`` (missing, ``None``, zero, not a number)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) or not value > 0:
-        return None
-    return int(value)
-
-
-def _gym_episode_length(env: Any) -> Optional[int]:
-    """The smallest limit along a Gymnasium wrapper chain (see :func:`get_episode_length`)."""
-    limits, node = [], env
-    for _ in range(1000):  # the chain of ``.env`` attributes of the wrappers, outermost first
-        own = getattr(node, "__dict__", {})
-        limits.append(_positive_int(own.get("_max_episode_steps")))  # a TimeLimit wrapper
-        inner = own.get("env")
-        if inner is None or inner is node:
-            break
-        node = inner
-    limits.append(_positive_int(getattr(getattr(env, "unwrapped", node), "episode_length", None)))
-    active = [n for n in limits if n is not None]
-    if active:
-        return min(active)
-    return _positive_int(getattr(getattr(env, "spec", None), "max_episode_steps", None))
-
-
-def _remote_attr(venv: Any, name: str) -> Any:
-    """``name`` of the first sub-environment of an SB3 VecEnv (``get_wrapper_attr`` semantics), or ``None``."""
-    try:
-        if hasattr(venv, "has_attr") and not venv.has_attr(name):
-            return None
-        return venv.get_attr(name, indices=[0])[0]
-    except (AttributeError, KeyError, IndexError):
-        return None
-
-
-def get_episode_length(env: Any) -> Optional[int]:
-    """The number of agent steps after which an episode of ``env`` is truncated, or ``None`` when unknown.
-
-    Every way of setting the length is read: the ``episode_length`` of the unwrapped environment (the ``dmc/...``
-    ids, ``gym.make("dmc/...", episode_length=N)``), the ``TimeLimit`` of ``gym.make(id, max_episode_steps=N)`` or of
-    a registered default, and ``gymnasium.wrappers.TimeLimit(env, N)`` applied by hand, through any other wrappers.
-    When several are active, the smallest wins: it is the one that truncates episodes first (a hand-applied
-    ``TimeLimit(env, 500)`` around Pendulum's registered 200-step limit gives 200, ``TimeLimit(env, 50)`` gives 50).
-    ``env.spec.max_episode_steps`` is the fallback when the wrapper chain shows no limit.
-
-    Stable-Baselines3 ``VecEnv`` objects are read through their wrappers (``VecNormalize``, ``VecMonitor``, ...) at
-    their first sub-environment: in-process ones (``DummyVecEnv``) completely; for ``SubprocVecEnv`` only what
-    ``get_attr`` can reach: the outermost ``TimeLimit``, the ``episode_length`` and the spec.
-
-    :param env: a Gymnasium environment (possibly wrapped) or a ``VecEnv``
-    :return: the episode length
-    """
-    venv = env
-    for _ in range(100):  # VecEnvWrapper → wrapped VecEnv
-        inner = getattr(venv, "venv", None)
-        if inner is None or inner is venv:
-            break
-        venv = inner
-    envs = getattr(venv, "envs", None)
-    if isinstance(envs, (list, tuple)) and envs:  # DummyVecEnv (and Gymnasium's SyncVectorEnv)
-        return _gym_episode_length(envs[0])
-    if hasattr(venv, "get_attr") and hasattr(venv, "num_envs"):  # SubprocVecEnv and other out-of-process VecEnvs
-        active = [n for n in (_positive_int(_remote_attr(venv, "_max_episode_steps")),
-                              _positive_int(_remote_attr(venv, "episode_length"))) if n is not None]
-        if active:
-            return min(active)
-        return _positive_int(getattr(_remote_attr(venv, "spec"), "max_episode_steps", None))
-    return _gym_episode_length(env)
 
 
 __all__ = [

@@ -186,12 +186,10 @@ class PolicyOutput(NamedTuple):
 
 
 class PolicyHead(nn.Module):
-    """Gaussian policy ``π(z) = mlp(L, [mlp, mlp], 2A)`` split into ``(μ_raw, s_raw)``;
-    ``log σ = lo + ½ (hi − lo)(tanh(s_raw) + 1)``.
-
-    ``squash="tanh"`` (TD-MPC2): ``a = tanh(μ_raw + σε)``, log-prob with the tanh Jacobian.
-    ``squash="clamp"`` (BMPC): ``a = clamp(tanh(μ_raw) + σε, −1, 1)``, no Jacobian.
-    In every KL the head is represented by ``N(tanh(μ_raw), σ²)``.
+    """Gaussian policy ``π(z) = mlp(L, [mlp, mlp], 2A)`` split into ``(μ_raw, s_raw)``, with
+    ``log σ = lo + ½ (hi − lo)(tanh(s_raw) + 1)``. ``squash="tanh"`` (TD-MPC2): ``a = tanh(μ_raw + σε)``, log-prob
+    with the tanh Jacobian. ``squash="clamp"`` (BMPC): ``a = clamp(tanh(μ_raw) + σε, −1, 1)``, no Jacobian. In every
+    KL the head is represented by ``N(tanh(μ_raw), σ²)``.
 
     :param latent_dim: latent size L
     :param mlp_dim: hidden size
@@ -353,10 +351,9 @@ class WorldModel(nn.Module):
         return self.reward(torch.cat([z, a], dim=-1))
 
     def step_from_shared(self, z: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reward logits and next latents of N actions from each of n latents, equal to
-        ``reward_logits(z', a')`` and ``next(z', a')`` with ``z'`` = each latent repeated N times (the first step
-        of a plan), but the first layers' latent part is computed once per latent
-        (:func:`~sb3_pompc.speedups.linear_of_shared_latent`).
+        """Reward logits and next latents of N actions from each of n latents: ``reward_logits(z', a')`` and
+        ``next(z', a')`` with ``z'`` = each latent repeated N times (a plan's first step), but the first layers'
+        latent part is computed once per latent (:func:`~sb3_pompc.speedups.linear_of_shared_latent`).
 
         :param z: (n, L); :param a: (n, N, A); :return: reward logits (n·N, K), next latents (n·N, L)
         """
