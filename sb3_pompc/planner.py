@@ -143,7 +143,7 @@ class MPPIPlanner:
             else:
                 G = G + discount * r
             discount *= self.gamma
-        a_term = model.pi(z, eps=term_eps).action if model.critic_type == "q" else None
+        a_term = model.pi(z, eps=term_eps, need_log_prob=False).action if model.critic_type == "q" else None
         v = model.critic_value(z, a_term, reduce="avg", heads=heads)
         if alive is not None:
             v = alive * v
@@ -177,12 +177,15 @@ class MPPIPlanner:
         if noise is None:
             noise = self.draw_noise(n, A, model.num_q, z.device)
 
-        # policy trajectories, rolled once per plan: (H, n, P, A)
+        # policy trajectories, rolled once per plan: (H, n, P, A). The planner asks π for actions only
+        # (``need_log_prob=False``: the same actions without the log-prob and entropy ops, see
+        # tests/test_gpu_safety.py::test_plans_compute_no_log_prob)
         pi_actions = torch.empty(H, n, P, A, device=z.device)
         if P > 0:
             zp = z.unsqueeze(1).expand(n, P, -1).reshape(n * P, -1)
             for t in range(H):
-                a = model.pi(zp, eps=noise.pi_eps[t].reshape(n * P, A), log_std_bounds=pi_log_std_bounds).action
+                a = model.pi(zp, eps=noise.pi_eps[t].reshape(n * P, A), log_std_bounds=pi_log_std_bounds,
+                             need_log_prob=False).action
                 pi_actions[t] = a.reshape(n, P, A)
                 if t < H - 1:
                     zp = model.next(zp, a)

@@ -29,8 +29,8 @@ from sb3_pompc.policies import MlpPolicy, POMPCPolicy
 from sb3_pompc.reanalyze import Reanalyzer
 from sb3_pompc.rng import get_rng_states, set_rng_states
 from sb3_pompc.speedups import check_compile_backend
-from sb3_pompc.update import (build_update_fns, kl_coef_now, kl_coef_step, kl_critic_step, kl_mode_now, mean_logs,
-                              policy_step, prior_step, world_model_step)
+from sb3_pompc.update import (UpdateSite, build_update_fns, kl_coef_now, kl_coef_step, kl_critic_step, kl_mode_now,
+                              policy_step, prior_step, record_logs, soft_update, world_model_step)
 
 __all__ = ["POMPC"]
 
@@ -376,7 +376,7 @@ class POMPC(OffPolicyAlgorithm):
             self._pretrained = True
         logs += [self._update(batch_size, pretrain=False) for _ in range(gradient_steps)]
         if logs:  # one host transfer, after every reanalyze copy queued
-            self._record(mean_logs(logs, self._where()), (time.perf_counter() - start) / len(logs))
+            record_logs(self, logs, (time.perf_counter() - start) / len(logs))
         self.reanalyzer.flush()
 
     def update(self, batch_size: Optional[int] = None, eager: bool = False) -> dict[str, torch.Tensor]:
@@ -416,7 +416,7 @@ class POMPC(OffPolicyAlgorithm):
             lam = kl_coef_now(config, self._kl_mode(), self.log_kl_coef, self.device)
             logs.update(kl_critic_step(policy, zs, z_enc, batch, config, lam, self.gamma, where))
         # 7. soft update of the target critics
-        model.soft_update_targets(self.tau)
+        soft_update(policy, self.tau)
         model.eval()
         self._n_updates += 1
         if not pretrain:
@@ -430,21 +430,11 @@ class POMPC(OffPolicyAlgorithm):
         lam = None if mode == "infinite" else kl_coef_now(self.config, mode, self.log_kl_coef, self.device)
         logs, kl = policy_step(self.policy, fns or self._update_fns, zs, batch, self.config, mode, lam, self._where())
         if mode == "learned":
-            logs.update(kl_coef_step(self.log_kl_coef, self.kl_coef_optimizer, kl, self.config.target_kl))  # type: ignore[arg-type]
+            logs.update(kl_coef_step(self.log_kl_coef, self.kl_coef_optimizer, kl, self.config.target_kl, self.policy))  # type: ignore[arg-type]
         return logs
 
     def _kl_mode(self) -> str:
         return kl_mode_now(self.config, self._n_updates, self._has_plans)
 
-    def _where(self) -> str:
-        return f"update {self._n_updates} (timestep {self.num_timesteps})"
-
-    def _record(self, means: dict[str, float], seconds_per_update: float) -> None:
-        """Log each term's mean over the updates since the last dump (each update logs its batch's statistics)."""
-        for key, value in means.items():
-            self.logger.record_mean(f"train/{key}", value)
-        self.logger.record_mean("time/update_ms", 1000.0 * seconds_per_update)
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        self.logger.record("train/kl_coef", self.current_kl_coef())
-        self.logger.record("train/q_scale", self.policy.q_scale.value.item())
-        self.logger.record("train/kl_scale", self.policy.kl_scale.value.item())
+    def _where(self) -> UpdateSite:
+        return UpdateSite(self._n_updates, self.num_timesteps)

@@ -18,7 +18,19 @@ from sb3_pompc.config import POMPCConfig
 from sb3_pompc.planner import MPPIPlanner
 from sb3_pompc.policies import POMPCPolicy
 
-__all__ = ["Reanalyzer"]
+__all__ = ["Reanalyzer", "record_copy_event"]
+
+
+def record_copy_event(tensor: torch.Tensor) -> Optional[Any]:
+    """A CUDA event recorded on the current stream of ``tensor``'s device, i.e. behind a non-blocking copy of
+    ``tensor`` queued just before (``event.query()`` is True once it has landed); None off CUDA. The stream is the
+    tensor's device's, not the current device's: with the model on ``cuda:1`` and ``cuda:0`` current, an event on
+    ``cuda:0``'s stream says nothing about the copy."""
+    if tensor.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(tensor.device))
+    return event
 
 
 class Reanalyzer:
@@ -59,11 +71,7 @@ class Reanalyzer:
         envs = np.broadcast_to(batch.env_indices[None, :nb], rows.shape)
         # to the host buffer without waiting: non-blocking copy now, written by ``flush`` later
         host = torch.cat([mean, std], dim=-1).reshape(H * nb, -1).to("cpu", non_blocking=True)
-        event = None
-        if mean.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        self._pending.append((rows.reshape(-1), envs.reshape(-1), host, event))
+        self._pending.append((rows.reshape(-1), envs.reshape(-1), host, record_copy_event(mean)))
         plan_mean, plan_std, has_plan = batch.plan_mean.clone(), batch.plan_std.clone(), batch.has_plan.clone()
         plan_mean[:, :nb], plan_std[:, :nb], has_plan[:, :nb] = mean, std, 1.0
         return batch._replace(plan_mean=plan_mean, plan_std=plan_std, has_plan=has_plan)

@@ -223,18 +223,18 @@ class PolicyHead(nn.Module):
         z: torch.Tensor,
         eps: Optional[torch.Tensor] = None,
         log_std_bounds: Optional[tuple[float, float]] = None,
+        need_log_prob: bool = True,
     ) -> PolicyOutput:
-        """Reparameterised sample. ``eps`` ~ N(0, I) may be given (planner noise drawn up front)."""
+        """Reparameterised sample (``eps`` ~ N(0, I) may be given); ``need_log_prob=False``: log_prob/entropy None."""
         mean, std, log_std, mu_raw = self.gaussian(z, log_std_bounds)
         if eps is None:
             eps = torch.randn_like(mean)
-        lp_g = gaussian_log_prob(eps, log_std)
+        action = torch.tanh(mu_raw + std * eps) if self.squash == "tanh" else torch.clamp(mean + std * eps, -1.0, 1.0)
+        if not need_log_prob:
+            return PolicyOutput(action, mean, std, log_std, None, None)  # type: ignore[arg-type]
+        lp = lp_g = gaussian_log_prob(eps, log_std)
         if self.squash == "tanh":
-            action = torch.tanh(mu_raw + std * eps)
             lp = lp_g - torch.log(F.relu(1.0 - action.square()) + 1e-6).sum(-1, keepdim=True)
-        else:
-            action = torch.clamp(mean + std * eps, -1.0, 1.0)
-            lp = lp_g
         return PolicyOutput(action, mean, std, log_std, lp, scaled_entropy(lp, lp_g, self.action_dim))
 
 

@@ -169,6 +169,8 @@ TINY_ALGO: dict = dict(
 
 
 def tiny_algo(**overrides) -> dict:
-    """:data:`TINY_ALGO` with ``overrides``; a ``None`` value removes the key (leaves it to the preset)."""
-    cfg = {**TINY_ALGO, **overrides}
+    """:data:`TINY_ALGO` on the CPU (``device="cpu"``: the CPU tests' numbers, e.g. compiled == eager, are CPU ones;
+    ``tests/test_cuda.py`` holds the GPU checks) with ``overrides``; a ``None`` value removes the key (leaves it to
+    the preset). :data:`TINY_ALGO` itself has no device: rl-zoo3 passes its own next to a zoo entry's settings."""
+    cfg = {**TINY_ALGO, "device": "cpu", **overrides}
     return {k: v for k, v in cfg.items() if v is not None}

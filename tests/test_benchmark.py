@@ -60,11 +60,12 @@ def test_cli_writes_schema(tmp_path, capsys):
     # the update counts backward matmuls too: more than one forward pass over its batch
     (update,) = [r for r in records if r["what"] == "update"]
     assert set(update["flops_per_op"]) >= {"mm", "addmm"} and update["batch_size"] == 8
-    # an env step = one plan of the first n_envs + one update, in the update's dtype
-    (step,) = [r for r in records if r["what"] == "step"]
-    assert step["gflop"] == pytest.approx(plans[1, "fp32"]["gflop"] + update["gflop"], rel=1e-12)
     # reanalyze = one plan of horizon x reanalyze_batch_size states
     (rean,) = [r for r in records if r["what"] == "reanalyze"]
+    # an env step = one plan of the first n_envs + one update, in the update's dtype, + 1/interval of a reanalyze
+    (step,) = [r for r in records if r["what"] == "step"]
+    assert step["gflop"] == pytest.approx(plans[1, "fp32"]["gflop"] + update["gflop"] + rean["gflop"] / 10, rel=1e-12)
+    assert step["reanalyze_interval"] == 10 and 0 < step["reanalyze_amortized_ms"] < step["ms_min"]
     assert rean["states"] == 3 * 2
     assert rean["reanalyze_interval"] == 10 and rean["amortized_ms"] == pytest.approx(rean["ms"] / 10)
     assert rean["gflop"] == pytest.approx(rean["states"] * plans[1, "fp32"]["gflop"], rel=1e-12)

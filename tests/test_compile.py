@@ -9,10 +9,12 @@ import torch
 
 from sb3_pompc import POMPC
 from sb3_pompc.benchmark import fill_replay_buffer
+from sb3_pompc.policies import POMPCPolicy
 from sb3_pompc.speedups import AUTOCAST_DTYPES, autocast, autocast_fn
 
+# on the CPU: a GPU compiles with other options (CUDA graphs, no fallback_random), see tests/test_cuda.py
 TINY = dict(model_size=None, latent_dim=16, mlp_dim=16, enc_dim=16, num_q=2, num_samples=16, num_elites=4,
-            num_pi_trajs=2, iterations=2, horizon=2, learning_starts=10, pretrain_updates=0)
+            num_pi_trajs=2, iterations=2, horizon=2, learning_starts=10, pretrain_updates=0, device="cpu")
 
 
 def test_compiled_plan_equals_eager(randomize) -> None:
@@ -29,6 +31,32 @@ def test_compiled_plan_equals_eager(randomize) -> None:
     for name in ("action", "plan_mean", "plan_std", "mean", "value"):
         a, b = getattr(compiled, name), getattr(eager, name)
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"{name}: compiled {a} != eager {b}"
+
+
+def test_each_policy_compiles_its_own_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo keys its graph cache, and its ``recompile_limit``, on the code object of the compiled function; past
+    the limit a plan runs eagerly with one warning. Each policy compiles its own copy of the plan and a cold start is
+    a zero warm start (the same numbers), so each policy takes one graph per batch size and ``deterministic``:
+    policies of different sizes (whose graphs differ), each planning 2 batch sizes cold and warm-started,
+    deterministic or not, stay within a limit of 4 graphs (Dynamo's tracing and caching with the "eager" backend,
+    no Inductor)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(POMPCPolicy, "plan_compile_backend", "eager")
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 4)
+    for num_samples in (16, 24):
+        kwargs = dict(TINY, iterations=1, num_samples=num_samples)
+        policy = POMPC("MlpPolicy", gym.make("Pendulum-v1"), seed=0, compile=True, **kwargs).policy
+        for n in (1, 2):
+            for deterministic in (False, True):
+                obs = torch.randn(n, 3)
+                noise = policy.planner.draw_noise(n, 1, policy.model.num_q, obs.device)
+                cold = policy.plan(obs, None, deterministic, noise=noise)
+                eager = policy.plan(obs, None, deterministic, noise=noise, eager=True)
+                for name in ("action", "plan_mean", "plan_std", "mean", "value"):  # zero warm start == none
+                    torch.testing.assert_close(getattr(cold, name), getattr(eager, name), atol=1e-6, rtol=1e-6)
+                policy.plan(obs, cold.mean, deterministic)
 
 
 @pytest.mark.parametrize("update_dtype", ["float32", "bfloat16"])
@@ -99,8 +127,8 @@ def test_compile_without_cxx_compiler_fails_before_training(monkeypatch) -> None
 
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
     with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
-        POMPC("MlpPolicy", gym.make("Pendulum-v1"), compile=True, device="cpu", **TINY)
-    POMPC("MlpPolicy", gym.make("Pendulum-v1"), compile=False, device="cpu", **TINY)  # eager needs none
+        POMPC("MlpPolicy", gym.make("Pendulum-v1"), compile=True, **TINY)
+    POMPC("MlpPolicy", gym.make("Pendulum-v1"), compile=False, **TINY)  # eager needs none
 
 
 def test_compiled_plan_returns_copies_that_survive_a_replay() -> None:

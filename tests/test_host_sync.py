@@ -1,4 +1,5 @@
-"""No host synchronisation inside a plan or an update, checked without a GPU.
+"""No host synchronisation inside a plan or an update, and one transfer each way per env step and per ``predict``,
+checked without a GPU.
 
 The agent is built on PyTorch's ``meta`` device: tensors with shapes but no data, on a device that is not the host.
 A ``TorchDispatchMode`` sees every op of one plan and of several updates and records each one that would make the
@@ -13,7 +14,8 @@ Non-blocking device → host copies (the lazy-reanalyze write-back) pass: the mo
 meta device has no data to copy. Host-side scalars (the optimiser's step counters) are not device values.
 
 The optimisers are rebuilt as ``foreach`` Adam because fused Adam has no meta kernel; on CUDA the agent uses fused
-Adam, whose step counters live on the device.
+Adam, whose step counters live on the device. The meta device is not a host-checked device: the losses are checked
+by the device-side :class:`~sb3_pompc.update.NonFiniteGuard`, as on a GPU.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class HostSyncRecorder(TorchDispatchMode):
 
         frames = [f for f in traceback.extract_stack() if "sb3_pompc" in f.filename and "test_host_sync" not in f.filename]
         where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} ({frames[-1].line})" if frames else "?"
-        self.syncs.append(f"{what} at {where}")
+        self.syncs.append(f"{what} at {where} in {frames[-1].name if frames else '?'}")
 
 
 class ForeachAdam(torch.optim.Adam):
@@ -90,25 +92,14 @@ class ForeachAdam(torch.optim.Adam):
         super().__init__(params, foreach=True, **kwargs)
 
 
-_Generator = torch.Generator
-
-
-def meta_generator(device: Any = "cpu") -> torch.Generator:
-    """``torch.Generator(device)``, but a CPU generator for the meta device, which has none (a meta tensor has no
-    values to draw; ``torch.randn(..., device="meta", generator=cpu_generator)`` gives its shape)."""
-    return _Generator("cpu" if torch.device(device).type == "meta" else device)
-
-
 def meta_agent(monkeypatch: pytest.MonkeyPatch, n_envs: int = 2, **overrides: Any) -> POMPC:
-    """A tiny agent whose every tensor lives on the meta device, with a full replay buffer (and a CPU generator for
-    the fixed-seed samples of deterministic plans, see :func:`meta_generator`)."""
+    """A tiny agent whose every tensor lives on the meta device, with a full replay buffer."""
     env_fn = lambda: SyntheticEnv(5, 2)  # noqa: E731
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    cfg = tiny_algo(num_q=5, learning_starts=0, pretrain_updates=0, buffer_size=512, **overrides)
-    model = POMPC("MlpPolicy", DummyVecEnv([env_fn] * n_envs), device="meta", seed=0, **cfg)
+    cfg = tiny_algo(num_q=5, learning_starts=0, pretrain_updates=0, buffer_size=512, device="meta", **overrides)
+    model = POMPC("MlpPolicy", DummyVecEnv([env_fn] * n_envs), seed=0, **cfg)
     monkeypatch.setattr(torch.optim, "Adam", ForeachAdam)
-    monkeypatch.setattr(torch, "Generator", meta_generator)
     model.policy._build(model.lr_schedule)  # optimisers over the meta parameters
     if model.log_kl_coef is not None:
         model.kl_coef_optimizer = torch.optim.Adam([model.log_kl_coef], lr=model.lr_schedule(1))
@@ -170,3 +161,47 @@ def test_plan_and_update_never_wait_for_the_device(monkeypatch: pytest.MonkeyPat
     reanalyzes = overrides.get("reanalyze_interval", 0) and 3 // overrides["reanalyze_interval"]
     assert rec.async_copies_to_host == reanalyzes
     assert model.reanalyzer.pending == (1 if reanalyzes else 0)  # the last one waits for train()'s flush
+
+
+def _blocking_reads(syncs: list[str]) -> list[str]:
+    """The functions of the recorded syncs, each of which must be a blocking device -> host copy."""
+    assert all("blocking device -> host copy" in s for s in syncs), syncs
+    return sorted(s.rsplit(" in ", 1)[-1] for s in syncs)
+
+
+@pytest.mark.parametrize("overrides", [dict(kl_coef="auto", prior="forward", kl_value=True),
+                                       dict(preset="bmpc", reanalyze_interval=1, reanalyze_batch_size=3)],
+                         ids=["auto-forward-kl_value", "bmpc-reanalyze"])
+def test_one_env_step_of_learn_reads_the_device_twice(monkeypatch: pytest.MonkeyPatch, overrides: dict) -> None:
+    """One whole env step of ``learn`` (``_sample_action``, the env, ``_store_transition``, ``train``) makes two
+    transfers to the host and nothing else that waits: the action (with π^P) in ``act`` and the log point's means
+    (with λ, the running scales and the non-finite guard) in ``mean_logs``."""
+    model = meta_agent(monkeypatch, **overrides)
+    model._setup_learn(total_timesteps=10)
+    model.train(gradient_steps=0, batch_size=16)  # the (empty) pretraining burst: the next step plans
+    for step in range(2):  # the first step plans cold, the second warm-started
+        with HostSyncRecorder() as rec:
+            action, buffer_action = model._sample_action(0, None, n_envs=2)
+            new_obs, rewards, dones, infos = model.env.step(action)
+            model.num_timesteps += 2
+            model._store_transition(model.replay_buffer, buffer_action, new_obs, rewards, dones, infos)
+            model.train(gradient_steps=1, batch_size=16)
+        assert _blocking_reads(rec.syncs) == ["act", "mean_logs"], (step, rec.syncs)
+    assert model._n_updates == 2 and model._plan_mean is not None and model._plan_mean.device.type == "meta"
+
+
+def test_predict_reads_the_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``predict`` (stochastic and deterministic, with and without a warm start) checks the observations on the
+    host, sends them with the warm start in one non-blocking copy and reads action and state back in one copy."""
+    model = meta_agent(monkeypatch)
+    policy = model.policy
+    obs = np.zeros((2, 5), dtype=np.float32)
+    state = np.zeros((2, policy.planner.horizon, 2), dtype=np.float32)
+    for deterministic in (False, True):
+        for warm in (None, state):
+            with HostSyncRecorder() as rec:
+                actions, new_state = policy.predict(obs, warm, np.array([True, False]), deterministic=deterministic)
+            assert _blocking_reads(rec.syncs) == ["predict"], (deterministic, warm is None, rec.syncs)
+            assert actions.shape == (2, 2) and new_state.shape == state.shape
+    with pytest.raises(ValueError, match="non-finite observation"):
+        policy.predict(np.full((2, 5), np.nan, dtype=np.float32))

@@ -18,11 +18,14 @@ What is timed (median of several calls after a warm-up):
   update's forward passes); compilation happens in the untimed first calls, and FLOPs are counted on the eager
   path of the same model.
 - ``step`` (not in the default set): one plan of the first ``n_envs`` followed by one update, timed together,
-  i.e. one environment step of training (plan and update in the row's dtype). Use ``--min-time`` to time it over
-  a long stretch; the row also records ``ms_q25`` / ``ms_q75`` and prints min, quartiles and max.
-- ``reanalyze`` (not in the default set): one lazy-reanalyze call (``model.reanalyzer.reanalyze(batch)``), i.e. one plan of ``horizon ·
-  reanalyze_batch_size`` buffer states with ``reanalyze_num_samples`` samples. It runs every
-  ``reanalyze_interval`` updates; ``amortized_ms`` is its cost per update.
+  plus the lazy reanalyze amortised over its interval (the median of a reanalyze call, and its FLOPs, divided by
+  ``reanalyze_interval`` and added to every call: ``reanalyze_amortized_ms``), i.e. one environment step of
+  training (plan and update in the row's dtype). Use ``--min-time`` to time it over a long stretch; the row also
+  records ``ms_q25`` / ``ms_q75`` and prints min, quartiles and max.
+- ``reanalyze`` (not in the default set): one lazy-reanalyze call and its write-back into the buffer
+  (``model.reanalyzer.reanalyze(batch)``, ``flush()``), i.e. one plan of ``horizon · reanalyze_batch_size`` buffer
+  states with ``reanalyze_num_samples`` samples. It runs every ``reanalyze_interval`` updates; ``amortized_ms`` is
+  its cost per update.
 
 GFLOP of a call are *counted*, not estimated: :class:`torch.utils.flop_counter.FlopCounterMode` records every
 matmul (``mm``/``addmm``/``bmm``/``baddbmm``, forward and backward) that actually runs in one call. Element-wise

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -16,7 +17,7 @@ from sb3_pompc.benchmark.rows import run_benchmark
 from sb3_pompc.benchmark.timing import profile_breakdown
 from sb3_pompc.pompc import POMPC
 
-__all__ = ["build_parser", "main", "check_syncs"]
+__all__ = ["build_parser", "main", "check_syncs", "sync_check"]
 
 
 def _devices(spec: str) -> list[str]:
@@ -123,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                 "reanalyze_interval": 2, "reanalyze_batch_size": 2, **overrides, "batch_size": args.batch_size,
                 "update_dtype": PLANNER_DTYPES[dtype], "compile": args.compile})
             check_syncs(model, args.batch_size)
-            print(f"# no host sync: 2 plans and 4 updates (2 reanalyzes), size {sizes[0]}, n_envs {n_envs[0]}, "
+            print(f"# no host sync: 3 plans and 4 updates (2 reanalyzes), size {sizes[0]}, n_envs {n_envs[0]}, "
                   f"{dtype}" + (", compiled" if args.compile else ""), flush=True)
     if args.profile_only:
         _print_profiles(sizes[0], n_envs[0], args, overrides)
@@ -154,38 +155,52 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     return records
 
 
-def check_syncs(model: POMPC, batch_size: int = 256) -> None:
-    """Fill ``model``'s replay buffer, then run 2 plans (one state per env) and 4 updates with CUDA's sync debug
-    mode set to "error": any synchronising CUDA call inside them (``.item()``, a blocking copy, ``nonzero``, ...)
-    raises. Build the model with lazy reanalyze on (e.g. ``reanalyze_interval=2``) to check its write-back too.
-
-    Compiling, the first plan and updates (allocations) and the final flush of the reanalyze write-back run outside
-    the check. On a device other than CUDA the same calls run unchecked (``tests/test_host_sync.py`` is the check
-    without a GPU).
-
-    :param model: an agent from :func:`make_model`
-    :param batch_size: windows per update
-    """
-    fill_replay_buffer(model)
-    obs = torch.randn(model.n_envs, *model.observation_space.shape, device=model.device)
-    warm = model.policy.plan(obs, None).mean
-    model.policy.set_training_mode(True)
-    for _ in range(4):
-        model.update(batch_size)
-    model.reanalyzer.flush()
-    cuda = model.device.type == "cuda"
+@contextlib.contextmanager
+def sync_check(device: torch.device) -> Iterator[None]:
+    """The checked window of :func:`check_syncs`: ``torch.cuda.set_sync_debug_mode("error")`` on CUDA (any
+    synchronising CUDA call raises), nothing elsewhere."""
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(2):
-            warm = model.policy.plan(obs, warm).mean.clone()
-        model.policy.set_training_mode(True)
-        for _ in range(4):
-            model.update(batch_size)
+        yield
     finally:
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def check_syncs(model: POMPC, batch_size: int = 256, plans: int = 3, updates: int = 4) -> None:
+    """Fill ``model``'s replay buffer, then run ``plans`` warm-started plans (one state per env) and ``updates``
+    updates inside :func:`sync_check`: on CUDA any synchronising call inside them (``.item()``, a blocking copy,
+    ``nonzero``, ...) raises. Build the model with lazy reanalyze on (e.g. ``reanalyze_interval=2``) to check its
+    write-back too.
+
+    Outside the window run the first plans and updates (compiling, allocations) and the final flush of the
+    reanalyze write-back: 3 plans, so that a compiled plan has been warmed up and recorded as a CUDA graph and
+    every plan in the window is a replay of that graph. On a device other than CUDA the same calls run unchecked
+    (``tests/test_host_sync.py`` is the check without a GPU).
+
+    :param model: an agent from :func:`make_model`
+    :param batch_size: windows per update
+    :param plans: plans in the window (at least 3: replays of the compiled plan)
+    :param updates: updates in the window
+    """
+    fill_replay_buffer(model)
+    obs = torch.randn(model.n_envs, *model.observation_space.shape, device=model.device)
+    warm = None
+    for _ in range(3):  # compile, warm-up run, CUDA-graph recording
+        warm = model.policy.plan(obs, warm).mean
+    model.policy.set_training_mode(True)
+    for _ in range(updates):
+        model.update(batch_size)
+    model.reanalyzer.flush()
+    with sync_check(model.device):
+        for _ in range(plans):
+            warm = model.policy.plan(obs, warm).mean
+        model.policy.set_training_mode(True)
+        for _ in range(updates):
+            model.update(batch_size)
     model.reanalyzer.flush()
 
 

@@ -97,14 +97,19 @@ class _Rows:
 
     def measure(self, what: str, fn: Callable[[], Any], size: Optional[int], n: int, dtype: str,
                 device: torch.device, rows: int, mlp_dim: int, extra: dict[str, Any],
-                count_fn: Optional[Callable[[], Any]] = None) -> dict[str, Any]:
+                count_fn: Optional[Callable[[], Any]] = None,
+                amortized: tuple[float, dict[str, float]] = (0.0, {})) -> dict[str, Any]:
         """Count the FLOPs of one call (``count_fn``, the eager path of a compiled ``fn``), time ``fn``, measure
-        the reference matmuls and append the row's record."""
+        the reference matmuls and append the row's record. ``amortized`` (seconds, FLOPs per op) is added to every
+        call: the share of work that runs every few calls and is measured on its own (the step row's reanalyze)."""
         flops, per_op = count_flops(count_fn or fn)  # also the first warm-up call (eager path if compiled)
         if count_fn is not None:
-            for _ in range(2):  # compiles (the first call of a compiled plan has no warm start, the rest do)
+            for _ in range(2):  # compiles, warms up and records a compiled plan's CUDA graph
                 fn()
         times = time_calls(fn, device, self.warmup, self.min_reps, self.min_time, self.max_reps)
+        times = [t + amortized[0] for t in times]
+        flops += sum(amortized[1].values())
+        per_op = {op: per_op.get(op, 0) + amortized[1].get(op, 0) for op in {**per_op, **amortized[1]}}
         ms = 1e3 * statistics.median(times)
         side = self.peak_size if device.type == "cpu" else max(self.peak_size, 8192)  # a GPU peaks on bigger ones
         peak = matmul_gflops(side, side, side, DTYPES[dtype], device)
@@ -165,7 +170,21 @@ def _update_rows(out: _Rows, model: POMPC, what: Sequence[str], size: Optional[i
         out.measure("update", update_once, size, n0, dtype, device, H * batch_size, mlp_dim, {
             **update_extra, "note": "reanalyze off (see the reanalyze rows)",
         }, count_fn=update_eager if compile else None)
+    # the update rows run with reanalyze off: its interval is the preset's (or the user's)
+    interval = int(overrides.get("reanalyze_interval", resolve_preset(preset)["reanalyze_interval"]))
+    reanalyzer = model.reanalyzer
+    batch = model.replay_buffer.sample(reanalyzer.batch_size)
+
+    def reanalyze_once() -> None:  # the reanalyze planner is never compiled
+        reanalyzer.reanalyze(batch)
+        reanalyzer.flush()
+
     if "step" in what:  # planner in the update's dtype (make_model's dtype sets both)
+        amortized: tuple[float, dict[str, float]] = (0.0, {})
+        if interval:  # one lazy reanalyze every `interval` updates: its time and FLOPs over `interval` steps
+            per_op = count_flops(reanalyze_once)[1]
+            seconds = statistics.median(time_calls(reanalyze_once, device, out.warmup, out.min_reps, 0.0, out.min_reps))
+            amortized = (seconds / interval, {op: n / interval for op, n in per_op.items()})
         step_plan, step_plan_eager = plan_calls(model, torch.randn(n0, obs_dim, device=device))
 
         def step_once() -> None:
@@ -177,20 +196,13 @@ def _update_rows(out: _Rows, model: POMPC, what: Sequence[str], size: Optional[i
             update_eager()
 
         out.measure("step", step_once, size, n0, dtype, device, H * batch_size, mlp_dim, {
-            **update_extra, "num_samples": model.policy.planner.num_samples,
-            "note": "one plan + one update (reanalyze off)",
-        }, count_fn=step_eager if compile else None)
+            **update_extra, "num_samples": model.policy.planner.num_samples, "reanalyze_interval": interval,
+            "reanalyze_amortized_ms": 1e3 * amortized[0],
+            "note": "one plan + one update + 1/reanalyze_interval of a lazy reanalyze (timed on its own)",
+        }, count_fn=step_eager if compile else None, amortized=amortized)
     if "reanalyze" in what:
-        reanalyzer = model.reanalyzer
-        batch = model.replay_buffer.sample(reanalyzer.batch_size)
         rp = reanalyzer.planner
         n_states = rp.horizon * min(reanalyzer.batch_size, batch.observations.shape[1])
-        # the update rows run with reanalyze off: its interval is the preset's (or the user's)
-        interval = int(overrides.get("reanalyze_interval", resolve_preset(preset)["reanalyze_interval"]))
-
-        def reanalyze_once() -> None:  # the reanalyze planner is never compiled
-            reanalyzer.reanalyze(batch)
-
         rec = out.measure("reanalyze", reanalyze_once, size, n0, dtype, device, n_states * rp.num_samples, mlp_dim, {
             "states": n_states, "num_samples": rp.num_samples, "iterations": rp.iterations,
             "reanalyze_interval": interval,
