@@ -174,3 +174,13 @@ def tiny_algo(**overrides) -> dict:
     the preset). :data:`TINY_ALGO` itself has no device: rl-zoo3 passes its own next to a zoo entry's settings."""
     cfg = {**TINY_ALGO, "device": "cpu", **overrides}
     return {k: v for k, v in cfg.items() if v is not None}
+
+
+@pytest.fixture(autouse=True)
+def _auto_device_is_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device="auto"`` means the CPU in this suite, on a CUDA machine too: the CPU tests compare with eager CPU
+    numbers (the compiled update uses ``fallback_random`` on the CPU only). ``tests/test_cuda.py`` asks for "cuda"."""
+    from stable_baselines3.common import base_class, utils
+
+    get_device = utils.get_device
+    monkeypatch.setattr(base_class, "get_device", lambda device="auto": get_device("cpu" if device == "auto" else device))

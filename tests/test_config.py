@@ -111,3 +111,9 @@ def test_files_stay_small_and_the_constructor_only_delegates() -> None:
     source = inspect.getsource(POMPC.__init__).splitlines()
     body = len(source) - next(i for i, line in enumerate(source) if line.strip().startswith(") -> None:")) - 1
     assert body <= 80
+
+
+def test_the_suite_runs_on_the_cpu_even_where_cuda_is_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest maps ``device="auto"`` to the CPU, so that a CUDA machine runs the CPU tests where they are meant."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert POMPC("MlpPolicy", "Pendulum-v1", **TINY_ALGO).device.type == "cpu"
