@@ -242,6 +242,20 @@ def prior_step(policy: POMPCPolicy, fns: dict[str, Callable[..., Any]], zs: torc
     return {"prior_loss": loss.detach()}
 
 
+def return_scale_sample(model: Any, z0: torch.Tensor, a0: torch.Tensor, q0: torch.Tensor) -> torch.Tensor:
+    """The values S_Q is measured on: Q̂ at the first latent (TD-MPC2), or, when π_s maximises the KL-regularised
+    critic Q̃, the planner's critic Q at the same latents and actions. Q̃'s target charges λ·(S_Q/S_KL)·KL, so a
+    scale measured on Q̃ itself feeds back into Q̃'s penalty: Q̃ grows more negative, S_Q grows, and so on (a
+    cartpole-balance run went from a mean Q̃ of −5 to −17,500 in 5k steps). Q's scale is the task's return scale.
+
+    :param z0: (B, L) latents; :param a0: (B, A) π_s's actions there; :param q0: (B, 1) Q̂ at them
+    """
+    if model.kl_critic is None:
+        return q0
+    with torch.no_grad():
+        return model.critic_value(z0, a0.detach(), reduce="avg", detach=True)
+
+
 def policy_step(policy: POMPCPolicy, fns: dict[str, Callable[..., Any]], zs: torch.Tensor,
                 batch: POMPCReplayBufferSamples, config: POMPCConfig, mode: str, kl_coef: Optional[torch.Tensor],
                 where: UpdateSite) -> tuple[Logs, torch.Tensor]:
@@ -260,7 +274,7 @@ def policy_step(policy: POMPCPolicy, fns: dict[str, Callable[..., Any]], zs: tor
     scales = [policy.q_scale.value, policy.kl_scale.value]
     before = [s.clone() for s in scales] if zs.device.type not in HOST_CHECKED_DEVICES else None
     if q is not None:  # the running scales S_Q and S_KL of the two terms the loss mixes
-        policy.q_scale.update(q[0])
+        policy.q_scale.update(return_scale_sample(model, zs[0], out.action[0], q[0]))
         logs["q_mean"] = q.detach().mean()
     if mode != "zero":
         policy.kl_scale.update(kl[0])

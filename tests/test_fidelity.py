@@ -167,3 +167,29 @@ def test_tdmpc2_evaluation_protocol_stays_available() -> None:
     assert len({float(model.predict(obs, deterministic=True)[0][0]) for _ in range(20)}) > 1
     with pytest.raises(ValueError, match="deterministic_action must be one of"):
         POMPC("MlpPolicy", "Pendulum-v1", **tiny_algo(deterministic_action="best"))
+
+
+def test_the_return_scale_comes_from_the_planners_critic_when_pi_maximises_q_tilde(monkeypatch) -> None:
+    """With ``kl_value`` S_Q is measured on Q at π_s's first latents and actions, not on Q̃: Q̃'s penalty
+    λ·(S_Q/S_KL)·KL would otherwise grow with Q̃'s own scale."""
+    from sb3_pompc.math import RunningScale
+
+    model = POMPC("MlpPolicy", short_pendulum(), seed=0, **tiny_algo(kl_warmup=0))
+    model.learn(80)
+    with torch.no_grad():  # a Q̃ on another scale than Q
+        for p in model.policy.model.kl_critic.parameters():
+            p.mul_(50.0)
+    values: list[dict[str, Any]] = []
+    critic_value = model.policy.model.critic_value
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = critic_value(*args, **kwargs)
+        values.append(dict(kl=kwargs.get("kl", False), out=out))
+        return out
+
+    monkeypatch.setattr(model.policy.model, "critic_value", spy)
+    updates = record_calls(monkeypatch, RunningScale, "update")
+    model.update()
+    scale_inputs = [c["args"][1] for c in updates if c["args"][0] is model.policy.q_scale]
+    plain = [v["out"] for v in values if not v["kl"] and v["out"].shape == scale_inputs[0].shape]
+    assert len(scale_inputs) == 1 and any(torch.equal(scale_inputs[0], q) for q in plain)
