@@ -1,7 +1,7 @@
 """The A/B of ``predict(deterministic=True)``: the same trained models evaluated with each ``deterministic_action``
 ("elite", "mean" and TD-MPC2's "sample") on the same evaluation episodes (same env seed per mode)::
 
-    python docs/experiments/deterministic_ab.py docs/experiments/runs/pendulum_5k/clamp --episodes 20
+    python docs/experiments/deterministic_ab.py docs/experiments/runs/pendulum_5k/pompc --episodes 20
 
 Writes ``deterministic_ab.csv`` next to this file: one row per (model, mode) with the mean and std of the return.
 """
