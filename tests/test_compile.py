@@ -43,8 +43,12 @@ def test_each_policy_compiles_its_own_plan(monkeypatch: pytest.MonkeyPatch) -> N
     import torch._dynamo
 
     monkeypatch.setattr(POMPCPolicy, "plan_compile_backend", "eager")
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 4)
+    # Dynamo's own patch (monkeypatch would delete the settings on undo: they live outside the module's __dict__)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=4):
+        _plan_with_several_policies()
+
+
+def _plan_with_several_policies() -> None:
     for num_samples in (16, 24):
         kwargs = dict(TINY, iterations=1, num_samples=num_samples)
         policy = POMPC("MlpPolicy", gym.make("Pendulum-v1"), seed=0, compile=True, **kwargs).policy
