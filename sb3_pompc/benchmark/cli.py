@@ -4,7 +4,6 @@ profiler printout."""
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import time
@@ -15,6 +14,7 @@ import torch
 from sb3_pompc.benchmark.agents import PLANNER_DTYPES, fill_replay_buffer, make_model
 from sb3_pompc.benchmark.rows import run_benchmark
 from sb3_pompc.benchmark.timing import profile_breakdown
+from sb3_pompc.cli import parse_overrides
 from sb3_pompc.pompc import POMPC
 
 __all__ = ["build_parser", "main", "check_syncs", "sync_check"]
@@ -28,19 +28,6 @@ def _devices(spec: str) -> list[str]:
         if d.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {d!r} requested but CUDA is not available")
     return devices
-
-
-def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise argparse.ArgumentTypeError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
-    return out
 
 
 def _size(text: str) -> Optional[int]:
@@ -106,7 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     warmup = args.warmup if args.warmup is not None else (0 if quick else 1)
     reps = args.reps if args.reps is not None else (3 if quick else 5)
     min_time = args.min_time if args.min_time is not None else (0.0 if quick else 2.0)
-    overrides = _parse_overrides(args.overrides)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cpu {torch.backends.cpu.get_cpu_capability()}, obs {args.obs_dim} act {args.action_dim}, "
