@@ -350,23 +350,10 @@ def kl_critic_step(policy: POMPCPolicy, zs: torch.Tensor, z_enc: torch.Tensor, b
 
 def soft_update(policy: POMPCPolicy, tau: float) -> None:
     """The soft update of the target critics (:meth:`~sb3_pompc.world_model.WorldModel.soft_update_targets`); once
-    the policy's :class:`NonFiniteGuard` has seen a non-finite loss, ``θ̄ ← θ̄ + τ (1 − flag)(θ − θ̄)`` on the device,
+    the policy's :class:`NonFiniteGuard` has seen a non-finite loss the weight is ``τ (1 − flag)`` on the device,
     i.e. the targets keep their last finite weights."""
     guard = nonfinite_guard(policy, active=True)
-    model = policy.model
-    if guard is None:
-        model.soft_update_targets(tau)
-        return
-    weight = (1.0 - guard.flag) * tau  # type: ignore[operator]
-    pairs = [(model.critic_target, model.critic)]
-    if model.kl_critic is not None:
-        pairs.append((model.kl_critic_target, model.kl_critic))
-    with torch.no_grad():
-        for target, online in pairs:
-            targets = list(target.parameters())
-            step = torch._foreach_sub(list(online.parameters()), targets)
-            torch._foreach_mul_(step, weight)
-            torch._foreach_add_(targets, step)
+    policy.model.soft_update_targets(tau if guard is None else (1.0 - guard.flag) * tau)  # type: ignore[operator]
 
 
 def mean_logs(logs: list[Logs], where: Any, guard: Optional[NonFiniteGuard] = None,

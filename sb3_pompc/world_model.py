@@ -1,15 +1,14 @@
 """TD-MPC2 world model: encoder, latent dynamics, reward, termination, critic ensemble, policy heads.
 
 Architecture exactly as the spec (§1): ``NormedLinear = Linear → Dropout → LayerNorm → Mish``, SimNorm latents,
-two-hot heads with 101 bins, trunc-normal(0.02) init with zeroed last layers of reward and critic. The critic
-ensemble is ONE module with stacked weights: one batched matmul per layer for all heads. The tricks that make it
-fast without changing what it computes live in :mod:`sb3_pompc.speedups`.
+two-hot heads with 101 bins, trunc-normal(0.02) init with zeroed last layers of reward and critic. The critic ensemble
+is ONE module with stacked weights (one batched matmul per layer for all heads); speed tricks: :mod:`sb3_pompc.speedups`.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -417,14 +416,15 @@ class WorldModel(nn.Module):
         values = self.two_hot.decode(self.critic_logits(z, a, heads, target, detach, kl))
         return values.min(0).values if reduce == "min" else values.mean(0)
 
-    def soft_update_targets(self, tau: float) -> None:
-        """``θ̄ ← θ̄ + τ (θ − θ̄)`` on the critic ensembles (the only target networks)."""
+    def soft_update_targets(self, tau: Union[float, torch.Tensor]) -> None:
+        """``θ̄ ← θ̄ + τ (θ − θ̄)`` on the critic ensembles; ``tau`` may be a 0-dim tensor on the device (no sync)."""
+        pairs = [(self.critic_target, self.critic), (self.kl_critic_target, self.kl_critic)]
         with torch.no_grad():
-            pairs = [(self.critic_target, self.critic)]
-            if self.kl_critic is not None:
-                pairs.append((self.kl_critic_target, self.kl_critic))
-            for target, online in pairs:
-                torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+            for targets, onlines in ((list(t.parameters()), list(o.parameters())) for t, o in pairs if o is not None):
+                if isinstance(tau, torch.Tensor):  # lerp takes a Python weight only: θ̄ += τ·(θ − θ̄) in 3 kernels
+                    torch._foreach_add_(targets, torch._foreach_mul(torch._foreach_sub(onlines, targets), tau))
+                else:
+                    torch._foreach_lerp_(targets, onlines, tau)
 
     # ---- parameter groups --------------------------------------------------------------------------------------
     def model_parameter_groups(self, lr: float, enc_lr_scale: float) -> list[dict[str, Any]]:
