@@ -277,6 +277,26 @@ def test_plot_means_bands_and_metric(tmp_path: Path) -> None:
     assert float(rows["kl_coef=inf"]["final_mean"]) == pytest.approx(np.mean([1.0, 1.3, 1.6]))
     assert main(["plot", str(tmp_path / "nothing")]) == 2
 
+    # --log-y draws the same curves on a logarithmic axis and leaves the summary as it is
+    import matplotlib.pyplot as plt
+
+    axes_scales = []
+    original = plt.subplots
+
+    def spy(*args, **kwargs):
+        fig, axes = original(*args, **kwargs)
+        axes_scales.append(axes)
+        return fig, axes
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt, "subplots", spy)
+        assert main(["plot", str(tmp_path), "--metric", "train/kl_mean", "--log-y", "--out",
+                     str(tmp_path / "log.png")]) == 0
+    assert axes_scales[0][0][0].get_yscale() == "log"
+    with open(tmp_path / "log.csv", newline="") as f:
+        log_rows = {r["setting"]: r["final_mean"] for r in csv.DictReader(f)}
+    assert log_rows == {k: v["final_mean"] for k, v in rows.items()}
+
 
 def test_bootstrap_band() -> None:
     values = np.array([[0.0, 10.0], [2.0, 10.0], [4.0, 10.0]])

@@ -3,7 +3,7 @@
 Usage::
 
     python -m sb3_pompc.sweep run GRID.yml [--storage URL] [--study NAME] [--workers K] [--threads N] [--out DIR]
-    python -m sb3_pompc.sweep plot DIR [--out FIG.png] [--metric train/kl_mean] [--summary FILE.csv]
+    python -m sb3_pompc.sweep plot DIR [--out FIG.png] [--metric train/kl_mean] [--summary FILE.csv] [--log-y]
 
 ``run`` defaults: study = the grid file's stem, out = ``runs/<study>``, storage = ``<out>/optuna.journal``.
 """
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None, help="the PNG (default <folder>/curves.png or <folder>/<metric>.png)")
     plot.add_argument("--metric", default=None, help="a progress.csv column (e.g. train/kl_mean) instead of eval")
     plot.add_argument("--summary", default=None, help="the summary CSV (default: the PNG's path with .csv)")
+    plot.add_argument("--log-y", action="store_true", help="a logarithmic y axis (for KL terms that span decades)")
     return parser
 
 
@@ -57,7 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from sb3_pompc.sweep.plot import plot_sweep
 
         try:
-            png, csv_path = plot_sweep(args.folder, out=args.out, metric=args.metric, summary=args.summary)
+            png, csv_path = plot_sweep(args.folder, out=args.out, metric=args.metric, summary=args.summary,
+                                         log_y=args.log_y)
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

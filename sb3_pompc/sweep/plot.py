@@ -141,7 +141,7 @@ def _anchor_functions() -> Optional[tuple[Any, Any]]:
 
 
 def plot_sweep(folder: Union[str, Path], out: Optional[Union[str, Path]] = None, metric: Optional[str] = None,
-               summary: Optional[Union[str, Path]] = None) -> tuple[Path, Path]:
+               summary: Optional[Union[str, Path]] = None, log_y: bool = False) -> tuple[Path, Path]:
     """Draw a sweep folder's curves into a PNG and write the final values into a summary CSV.
 
     :param folder: the sweep's ``--out`` folder
@@ -149,6 +149,7 @@ def plot_sweep(folder: Union[str, Path], out: Optional[Union[str, Path]] = None,
     :param metric: None = evaluation return; else a ``progress.csv`` column (x = ``time/total_timesteps``)
     :param summary: the CSV (default: ``out`` with the suffix ``.csv``); columns env, setting, n_seeds,
         final_step, final_mean, ci_low, ci_high (at the last step that every seed of the setting reached)
+    :param log_y: a logarithmic y axis (values that are not positive are left out of the drawing, not of the CSV)
     :return: the PNG and the CSV paths
     :raises FileNotFoundError: if no run folder has the curve's file
     """
@@ -192,6 +193,8 @@ def plot_sweep(folder: Union[str, Path], out: Optional[Union[str, Path]] = None,
         ax.set_title(env)
         ax.set_xlabel("env steps")
         ax.set_ylabel("eval return" if metric is None else metric)
+        if log_y:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(f"{folder.name}: mean and 95 % bootstrap band over seeds")
