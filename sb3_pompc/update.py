@@ -194,13 +194,13 @@ def check_finite(loss: torch.Tensor, name: str, where: Any, policy: Optional[POM
     return guard
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Any, clip: float,
-                   guard: Optional[NonFiniteGuard] = None) -> torch.Tensor:
-    """Backward, clip the gradient norm to ``clip``, step (skipped on the device once ``guard`` has seen a
-    non-finite loss); returns the norm before clipping."""
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Any, clip: Optional[float],
+                   guard: Optional[NonFiniteGuard] = None) -> Optional[torch.Tensor]:
+    """Backward, clip the gradient norm of ``params`` to ``clip`` (None: no clipping), step (skipped on the device
+    once ``guard`` has seen a non-finite loss); returns the norm before clipping (None without clipping)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip is not None else None
     if guard is None:
         optimizer.step()
     else:
@@ -301,13 +301,8 @@ def kl_coef_step(log_kl_coef: torch.Tensor, optimizer: torch.optim.Optimizer, kl
     """One dual-descent step on log λ toward ``target_kl`` (``kl_coef="auto"``), skipped on the device once the
     policy's :class:`NonFiniteGuard` has seen a non-finite loss."""
     loss = obj.kl_coef_loss(log_kl_coef, kl, target_kl)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     guard = nonfinite_guard(policy, active=True) if policy is not None else None
-    if guard is None:
-        optimizer.step()
-    else:
-        guard.step(optimizer)
+    optimizer_step(loss, optimizer, None, None, guard)
     return {"kl_coef_loss": loss.detach()}
 
 
