@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         try:
             png, csv_path = plot_sweep(args.folder, out=args.out, metric=args.metric, summary=args.summary,
-                                         log_y=args.log_y)
+                                       log_y=args.log_y)
         except FileNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
