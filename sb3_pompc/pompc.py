@@ -376,7 +376,8 @@ class POMPC(OffPolicyAlgorithm):
             self._pretrained = True
         logs += [self._update(batch_size, pretrain=False) for _ in range(gradient_steps)]
         if logs:  # one host transfer, after every reanalyze copy queued
-            record_logs(self, logs, (time.perf_counter() - start) / len(logs))
+            kl_coef = self.log_kl_coef.detach().exp() if self._kl_mode() == "learned" else self.current_kl_coef()
+            record_logs(self.logger, self.policy, logs, (time.perf_counter() - start) / len(logs), self._where(), kl_coef)
         self.reanalyzer.flush()
 
     def update(self, batch_size: Optional[int] = None, eager: bool = False) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ elsewhere), and :func:`record_logs` is the log point of a ``train()`` call: one 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -378,24 +378,28 @@ def mean_logs(logs: list[Logs], where: Any, guard: Optional[NonFiniteGuard] = No
     return {**dict(zip(keys, means)), **dict(zip(current or {}, host[len(keys):]))}
 
 
-def record_logs(algo: Any, logs: list[Logs], seconds_per_update: float) -> None:
-    """Record the log point of a ``train()`` call of ``algo`` (a :class:`~sb3_pompc.pompc.POMPC`): each term's mean
-    over the updates since the last dump (each update logs its batch's statistics), and λ and the running scales as
-    they are now, in ONE host transfer (:func:`mean_logs`, which raises on a non-finite loss).
+def record_logs(logger: Any, policy: POMPCPolicy, logs: list[Logs], seconds_per_update: float, where: UpdateSite,
+                kl_coef: Union[float, torch.Tensor]) -> None:
+    """Record the log point of a ``train()`` call: each term's mean over the updates since the last dump (each
+    update logs its batch's statistics), and λ and the running scales as they are now, in ONE host transfer
+    (:func:`mean_logs`, which raises on a non-finite loss).
 
+    :param logger: the algorithm's SB3 logger
+    :param policy: the :class:`~sb3_pompc.policies.POMPCPolicy` (running scales, non-finite guard)
     :param logs: one entry per update of the call
     :param seconds_per_update: wall-clock seconds per update of the call
+    :param where: the site of the last update, for the message of a non-finite loss
+    :param kl_coef: λ now: a float, or a device tensor (a learned λ) read in the same host transfer
     """
-    policy, learned = algo.policy, algo._kl_mode() == "learned"
     current = {"q_scale": policy.q_scale.value, "kl_scale": policy.kl_scale.value}
-    if learned:
-        current["kl_coef"] = algo.log_kl_coef.detach().exp()
-    means = mean_logs(logs, algo._where(), nonfinite_guard(policy, active=True), current)
+    if isinstance(kl_coef, torch.Tensor):
+        current["kl_coef"] = kl_coef
+    means = mean_logs(logs, where, nonfinite_guard(policy, active=True), current)
     now = {key: means.pop(key) for key in current}
     for key, value in means.items():
-        algo.logger.record_mean(f"train/{key}", value)
-    algo.logger.record_mean("time/update_ms", 1000.0 * seconds_per_update)
-    algo.logger.record("train/n_updates", algo._n_updates, exclude="tensorboard")
-    algo.logger.record("train/kl_coef", now["kl_coef"] if learned else algo.current_kl_coef())
-    algo.logger.record("train/q_scale", now["q_scale"])
-    algo.logger.record("train/kl_scale", now["kl_scale"])
+        logger.record_mean(f"train/{key}", value)
+    logger.record_mean("time/update_ms", 1000.0 * seconds_per_update)
+    logger.record("train/n_updates", where.n_updates, exclude="tensorboard")
+    logger.record("train/kl_coef", now.get("kl_coef", kl_coef))
+    logger.record("train/q_scale", now["q_scale"])
+    logger.record("train/kl_scale", now["kl_scale"])

@@ -1,6 +1,6 @@
 """Collect the A/B runs of ``docs/experiments/runs/<task>/<variant>/s<seed>/`` (written by ``ab_run.py``) into one
-summary CSV and one learning-curve PNG per task, with the sweep runner's plotter (mean over seeds and a 95 %
-bootstrap band)::
+summary CSV and one learning-curve PNG per figure (by default one per task, every variant), with the sweep runner's
+plotter (mean over seeds and a 95 % bootstrap band)::
 
     python docs/experiments/collect.py            # every task folder under docs/experiments/runs
 """
@@ -11,22 +11,31 @@ import csv
 import json
 import tempfile
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 
 from sb3_pompc.sweep.plot import bootstrap_band, plot_sweep
 
 HERE = Path(__file__).parent
+#: figures that show some variants of a task: name → (task folder, variants)
+FIGURES = {
+    "cartpole_balance_10k": ("cartpole_balance_10k", ("pompc", "pompc_tanh", "previous_pompc", "tdmpc2")),
+    "cartpole_lambda": ("cartpole_balance_10k",
+                        ("pompc_lambda0", "pompc_lambda0.01", "pompc", "pompc_lambdainf", "tdmpc2")),
+}
 
 
-def collect(task_dir: Path) -> None:
-    """Write ``<task>.csv`` (variant, seeds, final mean, 95 % CI, per-seed finals, mean wall time) and
-    ``<task>.png`` next to ``task_dir``."""
+def collect(task_dir: Path, name: str, variants: Optional[Sequence[str]] = None) -> None:
+    """Write ``<name>.csv`` (variant, seeds, final mean, 95 % CI, per-seed finals, mean wall time) and ``<name>.png``
+    next to this file, from the runs of ``task_dir`` (only ``variants``, if given)."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        flat = Path(tmp) / task_dir.name  # the plot's title
+        flat = Path(tmp) / name  # the plot's title
         flat.mkdir()
         for variant_dir in sorted(p for p in task_dir.iterdir() if p.is_dir()):
+            if variants is not None and variant_dir.name not in variants:
+                continue
             finals, walls, seeds = [], [], []
             for run in sorted(variant_dir.glob("s*")):
                 summary = run / "summary.json"
@@ -48,15 +57,18 @@ def collect(task_dir: Path) -> None:
                              per_seed=" ".join(f"{v:.1f}" for v in finals),
                              wall_min=f"{np.mean(walls) / 60:.1f}"))
         if rows:
-            plot_sweep(flat, out=HERE / f"{task_dir.name}.png", summary=HERE / f"{task_dir.name}_curves.csv")
-    with open(HERE / f"{task_dir.name}.csv", "w", newline="") as f:
+            plot_sweep(flat, out=HERE / f"{name}.png", summary=HERE / f"{name}_curves.csv")
+    with open(HERE / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["variant"])
         writer.writeheader()
         writer.writerows(rows)
     for row in rows:
-        print(task_dir.name, row)
+        print(name, row)
 
 
 if __name__ == "__main__":
     for task in sorted(p for p in (HERE / "runs").iterdir() if p.is_dir()):
-        collect(task)
+        if not any(folder == task.name for folder, _ in FIGURES.values()):
+            collect(task, task.name)
+    for figure, (folder, names) in FIGURES.items():
+        collect(HERE / "runs" / folder, figure, names)
