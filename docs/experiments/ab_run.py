@@ -74,7 +74,8 @@ def main() -> None:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             kwargs[key] = value
-    out, checkpoint = Path(args.out), Path(args.out) / "checkpoint"
+    out = Path(args.out)
+    checkpoint, partial = out / "checkpoint", out / "checkpoint.partial"
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if (out / "summary.json").exists() and not checkpoint.exists():
@@ -85,6 +86,7 @@ def main() -> None:
             rows = [{k: float(v) if k != "step" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
         model = POMPC.load(checkpoint / "model.zip", env=gym.make(args.env))
         model.load_replay_buffer(checkpoint / "replay_buffer.pkl")
+        rows = [row for row in rows if row["step"] <= model.num_timesteps]  # a row written after the checkpoint
         model.get_env().seed(args.seed + model.num_timesteps)
         print(f"resumed at step {model.num_timesteps}", flush=True)
     else:
@@ -99,10 +101,12 @@ def main() -> None:
         mean, std = evaluate_policy(model, eval_env, n_eval_episodes=episodes, deterministic=True)
         rows.append(dict(step=model.num_timesteps, mean=float(mean), std=float(std), wall_time_s=time.time() - start))
         print(rows[-1], flush=True)
+        if model.num_timesteps < args.steps:  # model and buffer replace the previous checkpoint together
+            model.save(partial / "model.zip")
+            model.save_replay_buffer(partial / "replay_buffer.pkl")
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            partial.rename(checkpoint)
         write_rows(out / "eval.csv", rows)
-        if model.num_timesteps < args.steps:
-            model.save(checkpoint / "model.zip")
-            model.save_replay_buffer(checkpoint / "replay_buffer.pkl")
     model.save(out / "model.zip")
     shutil.rmtree(checkpoint, ignore_errors=True)
     (out / "summary.json").write_text(json.dumps(dict(env=args.env, steps=args.steps, seed=args.seed, settings=kwargs,
