@@ -61,6 +61,7 @@ def _train(env_id: str, steps: int, seed: int, **kwargs) -> POMPC:
 BF16 = dict(planner_dtype="bfloat16", update_dtype="bfloat16")
 
 
+# the order matters for speed only: tests/conftest.py runs these first, the two fp32 ones on one xdist worker
 @pytest.mark.parametrize("preset,extra", [("pompc", {}), ("tdmpc2", {}), ("pompc", BF16)], ids=["pompc", "tdmpc2", "pompc-bf16"])
 def test_pendulum_learns_fast(preset: str, extra: dict) -> None:
     """CI-sized: 2.5k steps on Pendulum-v1 beat −700 (random actions score about −1200 here); also with bf16
