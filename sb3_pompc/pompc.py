@@ -28,7 +28,7 @@ from sb3_pompc.loading import update_loaded_attributes
 from sb3_pompc.policies import MlpPolicy, POMPCPolicy
 from sb3_pompc.reanalyze import Reanalyzer
 from sb3_pompc.rng import get_rng_states, set_rng_states
-from sb3_pompc.speedups import check_compile_backend
+from sb3_pompc.speedups import check_compile_backend, warn_if_bf16_is_emulated
 from sb3_pompc.update import (UpdateSite, build_update_fns, kl_coef_now, kl_coef_step, kl_critic_step, kl_mode_now,
                               policy_step, prior_step, record_logs, soft_update, world_model_step)
 
@@ -236,6 +236,8 @@ class POMPC(OffPolicyAlgorithm):
         self.reanalyzer = Reanalyzer(self.policy, self.config, lambda: self.replay_buffer)
         if self.policy.compile:
             check_compile_backend(self.device)
+        warn_if_bf16_is_emulated(self.device, planner_dtype=self.config.planner_dtype,
+                                 update_dtype=self.config.update_dtype)
         self._update_fns = build_update_fns(self.config, self.device, self.policy.compile)
         states = self.__dict__.pop("_rng_states", None)
         if states is not None and self.seed is not None:  # ``load``: continue the saved streams (seeded models)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "autocast",
     "autocast_fn",
     "check_compile_backend",
+    "warn_if_bf16_is_emulated",
 ]
 
 # 32-bit constants as signed int32 (torch has no uint32 arithmetic); products wrap modulo 2^32
@@ -160,3 +162,33 @@ def check_compile_backend(device: torch.device) -> None:
             f"compile=True on the CPU needs a C++ compiler for torch.compile's inductor backend, and none was found "
             f"({type(exc).__name__}: {exc}). Install g++ (or set CXX), or use compile=False."
         ) from exc
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), as oneDNN reports it; ``True``
+    when this torch cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def warn_if_bf16_is_emulated(device: torch.device, **dtypes: str) -> None:
+    """Warn before training when bf16 is asked for on a CPU without native bf16 matmuls: there autocast emulates
+    them, and a bf16 step is slower than an fp32 one (a 256 × 256 matmul ran about 50× slower on an AVX2 host, see
+    docs/benchmark.md).
+
+    Tested by tests/test_compile.py::test_bf16_on_a_cpu_without_native_bf16_warns.
+
+    :param device: the device the model runs on (only "cpu" is checked)
+    :param dtypes: the settings by name (``planner_dtype=..., update_dtype=...``), keys of :data:`AUTOCAST_DTYPES`
+    """
+    asked = [f"{name}={value!r}" for name, value in dtypes.items() if AUTOCAST_DTYPES[value] == torch.bfloat16]
+    if device.type != "cpu" or not asked or cpu_has_native_bf16():
+        return
+    warnings.warn(
+        f"{', '.join(asked)} on a CPU without native bf16 matmuls "
+        f"(capability {torch.backends.cpu.get_cpu_capability()}): they are emulated and much slower than float32. "
+        "Use 'float32' on this CPU.",
+        stacklevel=3,
+    )

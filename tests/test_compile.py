@@ -135,6 +135,26 @@ def test_compile_without_cxx_compiler_fails_before_training(monkeypatch) -> None
     POMPC("MlpPolicy", gym.make("Pendulum-v1"), compile=False, **TINY)  # eager needs none
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch) -> None:
+    """bf16 on a CPU that emulates it warns before training and names the setting; fp32, or a CPU with native
+    bf16, does not warn."""
+    import warnings
+
+    import sb3_pompc.speedups as speedups
+
+    assert isinstance(speedups.cpu_has_native_bf16(), bool)  # this CPU's answer, whichever it is
+    env = gym.make("Pendulum-v1")
+    monkeypatch.setattr(speedups, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="update_dtype='bfloat16' on a CPU without native bf16") as record:
+        POMPC("MlpPolicy", env, update_dtype="bfloat16", **TINY)
+    assert "planner_dtype" not in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*native bf16")
+        POMPC("MlpPolicy", env, **TINY)  # fp32
+        monkeypatch.setattr(speedups, "cpu_has_native_bf16", lambda: True)
+        POMPC("MlpPolicy", env, planner_dtype="bf16", update_dtype="bfloat16", **TINY)
+
+
 def test_compiled_plan_returns_copies_that_survive_a_replay() -> None:
     """On CUDA the compiled plan runs as a CUDA graph whose outputs are overwritten by its next replay (e.g. an
     ``EvalCallback``'s ``predict`` between two env steps). ``plan`` returns copies, so the warm start kept by
