@@ -190,5 +190,5 @@ def warn_if_bf16_is_emulated(device: torch.device, **dtypes: str) -> None:
         f"{', '.join(asked)} on a CPU without native bf16 matmuls "
         f"(capability {torch.backends.cpu.get_cpu_capability()}): they are emulated and much slower than float32. "
         "Use 'float32' on this CPU.",
-        stacklevel=3,
+        stacklevel=4,  # the caller of POMPC(...)
     )

@@ -113,6 +113,8 @@ def test_bad_arguments_are_refused():
         bm.run_benchmark(what=("plan", "train"), verbose=False)
     with pytest.raises(ValueError, match="unknown dtype"):
         bm.run_benchmark(dtypes=("fp16",), verbose=False)
+    with pytest.raises(SystemExit, match="give the preset as --preset tdmpc2"):
+        bm.main(["--device", "cpu", "--set", "preset=tdmpc2", "--json", ""])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")

@@ -97,6 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         overrides = parse_overrides(args.overrides)
     except ValueError as e:
         raise SystemExit(f"--set: {e}") from None
+    if "preset" in overrides:
+        raise SystemExit(f"--set preset={overrides['preset']}: give the preset as --preset {overrides['preset']}")
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cpu {torch.backends.cpu.get_cpu_capability()}, obs {args.obs_dim} act {args.action_dim}, "
