@@ -115,6 +115,10 @@ def test_bad_arguments_are_refused():
         bm.run_benchmark(dtypes=("fp16",), verbose=False)
     with pytest.raises(SystemExit, match="give the preset as --preset tdmpc2"):
         bm.main(["--device", "cpu", "--set", "preset=tdmpc2", "--json", ""])
+    with pytest.raises(SystemExit, match="give the batch size as --batch-size 64"):  # --batch-size would win
+        bm.main(["--device", "cpu", "--set", "batch_size=64", "--json", ""])
+    with pytest.raises(SystemExit, match="give the plan dtype as --dtypes"):  # the rows would say fp32
+        bm.main(["--device", "cpu", "--set", "planner_dtype=bfloat16", "--json", ""])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")

@@ -20,6 +20,19 @@ from sb3_pompc.pompc import POMPC
 __all__ = ["build_parser", "main", "check_syncs", "sync_check"]
 
 
+#: POMPC settings that one of the benchmark's own flags sets (key → what it is, the flag): a ``--set`` of one of
+#: them would be overridden or would run rows that their labels misdescribe, so it is refused
+OWN_FLAGS = {
+    "preset": ("preset", "--preset {}"),
+    "device": ("device", "--device {}"),
+    "model_size": ("model size", "--sizes {}"),
+    "batch_size": ("batch size", "--batch-size {}"),
+    "planner_dtype": ("plan dtype", "--dtypes fp32|bf16"),
+    "update_dtype": ("update dtype", "--update-dtypes fp32|bf16"),
+    "compile": ("compile setting", "--compile"),
+}
+
+
 def _devices(spec: str) -> list[str]:
     if spec == "auto":
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -97,8 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         overrides = parse_overrides(args.overrides)
     except ValueError as e:
         raise SystemExit(f"--set: {e}") from None
-    if "preset" in overrides:
-        raise SystemExit(f"--set preset={overrides['preset']}: give the preset as --preset {overrides['preset']}")
+    for key in OWN_FLAGS.keys() & overrides.keys():
+        what, flag = OWN_FLAGS[key]
+        raise SystemExit(f"--set {key}={overrides[key]}: give the {what} as {flag.format(overrides[key])}")
     torch.set_num_threads(args.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cpu {torch.backends.cpu.get_cpu_capability()}, obs {args.obs_dim} act {args.action_dim}, "
